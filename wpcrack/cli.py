@@ -1,0 +1,207 @@
+"""The ``wpcrack`` command: one subcommand per DVC stage, plus score and predict.
+
+Heavy libraries (torch, mlflow, cv2) are imported inside each subcommand so that
+``wpcrack --help`` and argument errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from wpcrack.errors import WpcrackError
+
+MIRROR_ENV = "WPCRACK_MIRROR"
+
+
+def _config(args: argparse.Namespace, dataset: str | None, variant: str = "full"):
+    from wpcrack.config import load_config
+
+    return load_config(args.params, dataset=dataset, variant=variant, overrides=args.set or [])
+
+
+def _run_dirs(cfg, dataset: str, variant: str) -> tuple[Path, Path]:
+    """Fixed output folders (DVC needs stable paths): models/<ds>/<variant>, results/<ds>/<variant>."""
+    return Path(cfg.paths.models) / dataset / variant, Path(cfg.paths.results) / dataset / variant
+
+
+def cmd_download(args: argparse.Namespace) -> None:
+    from wpcrack.data.sources import DATASETS, download
+
+    mirror = args.mirror or os.environ.get(MIRROR_ENV) or None
+    names = args.datasets or list(DATASETS)
+    download(names, raw_dir=Path(args.data_dir) / "raw", mirror=Path(mirror) if mirror else None, force=args.force)
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from wpcrack.data.prepare import prepare
+
+    cfg = _config(args, args.dataset)
+    prepare(cfg, args.dataset)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from wpcrack.train.loop import train
+
+    cfg = _config(args, args.dataset, args.variant)
+    model_dir, _ = _run_dirs(cfg, args.dataset, args.variant)
+    train(cfg, out_dir=Path(args.out) if args.out else model_dir, resume=args.resume)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from wpcrack.evaluate.run import evaluate
+
+    cfg = _config(args, args.dataset, args.variant)
+    model_dir, results_dir = _run_dirs(cfg, args.dataset, args.variant)
+    evaluate(
+        cfg,
+        model_dir=Path(args.model_dir) if args.model_dir else model_dir,
+        out_dir=Path(args.out) if args.out else results_dir,
+    )
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    from wpcrack.evaluate.score import score_folders
+
+    score_folders(Path(args.pred), Path(args.gt), size=args.size, threshold=args.threshold, as_json=args.json)
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from wpcrack.evaluate.tables import compare
+
+    compare(Path(args.params), args.dataset)
+
+
+def cmd_benchmark(args: argparse.Namespace) -> None:
+    from wpcrack.benchmark import benchmark
+
+    cfg = _config(args, args.dataset, args.variant)
+    model_dir, _ = _run_dirs(cfg, args.dataset, args.variant)
+    benchmark(cfg, model_dir=Path(args.model_dir) if args.model_dir else model_dir,
+              out_dir=Path(cfg.paths.reports) / "benchmark")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from wpcrack.predict import predict
+
+    predict(
+        [Path(p) for p in args.inputs],
+        model=args.model,
+        out_dir=Path(args.out),
+        dataset=args.dataset,
+        mm_per_pixel=args.mm_per_pixel,
+        params=Path(args.params),
+    )
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from wpcrack.evaluate.report import write_report
+
+    write_report(Path(args.params), Path(args.out))
+
+
+def _dataset_arg(p: argparse.ArgumentParser, **kw) -> None:
+    from wpcrack.config import DATASET_NAMES
+
+    p.add_argument("dataset", choices=DATASET_NAMES, help="dataset name", **kw)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a parameter for this run (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wpcrack", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("download", help="fetch datasets (or copy from a mirror) into data/raw")
+    p.add_argument("datasets", nargs="*", metavar="DATASET", help="datasets to fetch (default: all)")
+    p.add_argument("--mirror", help=f"folder holding the source archives (default: ${MIRROR_ENV})")
+    p.add_argument("--data-dir", default="data", help="data root (default: data)")
+    p.add_argument("--force", action="store_true", help="fetch and unpack again")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("prepare", help="build data/prepared/<dataset> with images, masks and a manifest")
+    _dataset_arg(p)
+    _common(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train WP-CrackNet (or a variant) on a prepared dataset")
+    _dataset_arg(p)
+    p.add_argument("--variant", default="full", help="variant from params.yaml (default: full)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--out", help="output folder (default: models/<dataset>/<variant>)")
+    _common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="score a trained model on the test split")
+    _dataset_arg(p)
+    p.add_argument("--variant", default="full", help="variant from params.yaml (default: full)")
+    p.add_argument("--model-dir", help="trained model folder (default: models/<dataset>/<variant>)")
+    p.add_argument("--out", help="output folder (default: results/<dataset>/<variant>)")
+    _common(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("score", help="score a folder of predicted masks against ground truth")
+    p.add_argument("--pred", required=True, help="folder of predicted masks (PNG)")
+    p.add_argument("--gt", required=True, help="folder of ground-truth masks (PNG)")
+    p.add_argument("--size", type=int, help="resize both to SIZE x SIZE first (nearest-neighbour)")
+    p.add_argument("--threshold", type=float, default=0.5, help="binarisation threshold (default: 0.5)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("compare", help="write the ablation and comparison tables for a dataset")
+    _dataset_arg(p)
+    p.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("benchmark", help="measure parameters, latency, throughput and memory")
+    _dataset_arg(p)
+    p.add_argument("--variant", default="full", help="variant from params.yaml (default: full)")
+    p.add_argument("--model-dir", help="trained model folder (default: models/<dataset>/<variant>)")
+    _common(p)
+    p.set_defaults(func=cmd_benchmark)
+
+    p = sub.add_parser("predict", help="detect cracks on your own images or large survey photos")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="images or folders")
+    p.add_argument("--model", default="champion",
+                   help="'champion' (MLflow alias), a models:/ URI, or a model folder/checkpoint")
+    p.add_argument("--dataset", default="deepcrack", help="registered model to use with 'champion'")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--mm-per-pixel", type=float, help="ground sampling distance for mm statistics")
+    p.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("report", help="write docs/results.md from the pipeline's metrics files")
+    p.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
+    p.add_argument("--out", default="docs/results.md", help="output file (default: docs/results.md)")
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def _version() -> str:
+    from wpcrack import __version__
+
+    return f"wpcrack {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except WpcrackError as exc:
+        print(f"wpcrack {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"wpcrack {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,378 @@
+"""Typed view of params.yaml.
+
+Resolution order for one training run: the base sections, then the dataset's profile
+(``profiles.<name>``), then the variant (``variants.<name>``), then command-line overrides
+(``section.key=value``). Unknown keys and values of the wrong type are errors, so a typo in
+``dvc exp run -S ...`` fails loudly instead of silently training the default.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from wpcrack.errors import ConfigError
+
+DATASET_NAMES = ("synthetic", "deepcrack", "cfd", "crack500")
+BACKBONES = ("resnet38d", "mobilenet_v2", "resnet18", "resnet50")
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """Per-dataset choices that are not part of a profile."""
+
+    profile: str = "cpu"
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    data: str = "data"
+    models: str = "models"
+    results: str = "results"
+    reports: str = "reports"
+
+
+@dataclass(frozen=True)
+class SyntheticPrepare:
+    """Procedural road textures with thin, branching, low-contrast cracks."""
+
+    size: int = 96
+    train_crack: int = 48
+    train_nocrack: int = 48
+    val_crack: int = 8
+    val_nocrack: int = 8
+    test: int = 12
+    seed: int = 7
+
+
+@dataclass(frozen=True)
+class DeepCrackPrepare:
+    image_size: int = 256
+    nocrack_patches: int = 296
+    nocrack_patch_size: int = 128
+    val_fraction: float = 0.1
+    eval_size: int = 256
+
+
+@dataclass(frozen=True)
+class CFDPrepare:
+    train_count: int = 70
+    test_count: int = 48
+    grid: int = 3
+    patch_size: int = 256
+    val_fraction: float = 0.1
+
+
+@dataclass(frozen=True)
+class Crack500Prepare:
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    image_size: int = 256
+    nocrack_crops: int = 756
+    nocrack_crop_size: int = 128
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    seed: int = 2024
+    min_crack_pixels: int = 1
+    synthetic: SyntheticPrepare = field(default_factory=SyntheticPrepare)
+    deepcrack: DeepCrackPrepare = field(default_factory=DeepCrackPrepare)
+    cfd: CFDPrepare = field(default_factory=CFDPrepare)
+    crack500: Crack500Prepare = field(default_factory=Crack500Prepare)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: Literal["resnet38d", "mobilenet_v2", "resnet18", "resnet50"] = "mobilenet_v2"
+    pretrained: bool = True
+    weights_path: str | None = None
+    cam_channels: int = 256
+    detector_inputs: Literal["cls", "cls+rec"] = "cls+rec"
+    paam: bool = True
+    paam_channels: int = 128
+    paam_reduction: int = 16
+    detector_channels: int = 64
+    decoder_channels: int = 64
+
+
+@dataclass(frozen=True)
+class CECCMConfig:
+    enabled: bool = True
+    mode: Literal["paper", "release"] = "paper"
+    sigma: float = 0.25
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    lambda_c1: float = 1.0
+    lambda_r1_c: float = 0.5
+    lambda_r1_r: float = 0.5
+    lambda_c2: float = 1.0
+    lambda_r2_c: float = 0.8
+    lambda_r2_r: float = 0.3
+    lambda_cec: float = 0.5
+    det_pos_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class PseudoLabelConfig:
+    bg_power: float = 0.5
+    gaussian_sxy: float = 3.0
+    gaussian_compat: float = 3.0
+    bilateral_sxy: float = 80.0
+    bilateral_srgb: float = 13.0
+    bilateral_compat: float = 10.0
+    iterations: int = 10
+    workers: int = 1
+    min_pixels: int = 1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 4
+    crop_size: int = 128
+    lr: float = 1e-3
+    lr_detector: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    poly_power: float = 1.1
+    adversarial: bool = True
+    detector_target: Literal["pseudo", "mask"] = "pseudo"
+    detector_warmup_epochs: int = 0
+    detach_detector_features: bool = True
+    freeze_bn: bool = False
+    max_steps_per_epoch: int | None = None
+    num_workers: int = 0
+    seed: int = 0
+    amp: bool = True
+    channels_last: bool = True
+    val_every: int = 1
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    threshold: float = 0.5
+    tile_size: int = 256
+    tile_overlap: int = 32
+    figure_images: int = 4
+    pr_thresholds: int = 51
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    size: int = 256
+    batch_sizes: tuple[int, ...] = (1, 8)
+    warmup: int = 3
+    iterations: int = 10
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    experiment: str = "wpcrack"
+    model_name_prefix: str = "wpcrack"
+    log_models: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    """One fully resolved configuration (base + profile + variant + overrides)."""
+
+    datasets: dict[str, DatasetEntry] = field(default_factory=dict)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ceccm: CECCMConfig = field(default_factory=CECCMConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    pseudo_labels: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    profile: str = "cpu"
+    dataset: str | None = None
+    variant: str = "full"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Top-level keys of params.yaml that are not Config sections.
+_META_KEYS = ("profiles", "variants", "runs")
+
+
+def _hint_is_optional(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+
+
+def _convert(value: Any, hint: Any, where: str) -> Any:
+    """Check ``value`` against a type hint, building nested dataclasses."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _build(hint, value, where)
+    if value is None:
+        if hint is type(None) or _hint_is_optional(hint):
+            return None
+        raise ConfigError(f"{where}: must not be null")
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(hint):
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, allowed))}")
+        return value
+    if origin is dict:
+        key_t, val_t = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {_convert(k, key_t, where): _convert(v, val_t, f"{where}.{k}") for k, v in value.items()}
+    if origin is tuple:
+        (item_t, *_rest) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_convert(v, item_t, f"{where}[{i}]") for i, v in enumerate(value))
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {hint!r}")
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Return ``base`` with ``update`` merged in; nested mappings merge, everything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``train.epochs=3`` -> ``{"train": {"epochs": 3}}`` (the value is parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw else None
+    out: dict[str, Any] = value
+    for part in reversed(key.strip().split(".")):
+        if not part:
+            raise ConfigError(f"override {text!r}: empty key")
+        out = {part: out}
+    return out
+
+
+def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: parameter file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return raw
+
+
+def resolve(
+    raw: dict[str, Any],
+    dataset: str | None = None,
+    variant: str = "full",
+    overrides: list[str] | tuple[str, ...] = (),
+    profile: str | None = None,
+) -> Config:
+    """Resolve the raw params mapping into a typed Config for one dataset and variant."""
+    raw = copy.deepcopy(raw)
+    profiles = raw.pop("profiles", {}) or {}
+    variants = raw.pop("variants", {}) or {}
+    raw.pop("runs", None)
+    for meta in ("profile", "dataset", "variant"):
+        if meta in raw:
+            raise ConfigError(f"params: '{meta}' is chosen per run, not a top-level key")
+
+    if dataset is not None and dataset not in DATASET_NAMES:
+        raise ConfigError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASET_NAMES)}")
+    datasets = raw.get("datasets", {}) or {}
+    if profile is None:
+        entry = datasets.get(dataset, {}) if dataset else {}
+        profile = (entry or {}).get("profile", "cpu")
+    if profile not in profiles:
+        raise ConfigError(f"unknown profile {profile!r}; defined in params.yaml: {', '.join(profiles) or 'none'}")
+    if variant not in variants:
+        raise ConfigError(f"unknown variant {variant!r}; defined in params.yaml: {', '.join(variants) or 'none'}")
+
+    merged = deep_merge(raw, profiles[profile] or {})
+    merged = deep_merge(merged, variants[variant] or {})
+    for text in overrides:
+        merged = deep_merge(merged, parse_override(text))
+    merged.update(profile=profile, dataset=dataset, variant=variant)
+    return _build(Config, merged, "")
+
+
+def load_config(
+    path: str | Path = "params.yaml",
+    dataset: str | None = None,
+    variant: str = "full",
+    overrides: list[str] | tuple[str, ...] = (),
+    profile: str | None = None,
+) -> Config:
+    """Read params.yaml and resolve it for one dataset/variant (see module docstring)."""
+    return resolve(read_params(path), dataset, variant, overrides, profile)
+
+
+def list_runs(path: str | Path = "params.yaml") -> dict[str, dict[str, str]]:
+    """The ``runs`` table: DVC stage key -> {dataset, variant}."""
+    runs = read_params(path).get("runs", {}) or {}
+    for key, run in runs.items():
+        if set(run) != {"dataset", "variant"}:
+            raise ConfigError(f"params.yaml runs.{key}: needs exactly 'dataset' and 'variant'")
+    return runs
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved configuration next to a run's outputs."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
