@@ -36,24 +36,24 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
+    cfg = _config(args, args.dataset)
     from wpcrack.data.prepare import prepare
 
-    cfg = _config(args, args.dataset)
     prepare(cfg, args.dataset)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    cfg = _config(args, args.dataset, args.variant)
     from wpcrack.train.loop import train
 
-    cfg = _config(args, args.dataset, args.variant)
     model_dir, _ = _run_dirs(cfg, args.dataset, args.variant)
     train(cfg, out_dir=Path(args.out) if args.out else model_dir, resume=args.resume)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    cfg = _config(args, args.dataset, args.variant)
     from wpcrack.evaluate.run import evaluate
 
-    cfg = _config(args, args.dataset, args.variant)
     model_dir, results_dir = _run_dirs(cfg, args.dataset, args.variant)
     evaluate(
         cfg,
@@ -75,9 +75,9 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> None:
+    cfg = _config(args, args.dataset, args.variant)
     from wpcrack.benchmark import benchmark
 
-    cfg = _config(args, args.dataset, args.variant)
     model_dir, _ = _run_dirs(cfg, args.dataset, args.variant)
     benchmark(cfg, model_dir=Path(args.model_dir) if args.model_dir else model_dir,
               out_dir=Path(cfg.paths.reports) / "benchmark")

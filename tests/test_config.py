@@ -1,0 +1,85 @@
+"""The typed view of params.yaml: resolution order and loud failures."""
+
+from pathlib import Path
+
+import pytest
+
+from wpcrack.cli import main
+from wpcrack.config import ConfigError, deep_merge, list_runs, load_config, parse_override, read_params, resolve
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def test_every_run_and_profile_in_params_resolves():
+    raw = read_params(PARAMS)
+    for key, run in list_runs(PARAMS).items():
+        cfg = resolve(raw, run["dataset"], run["variant"])
+        assert cfg.dataset == run["dataset"] and cfg.variant == run["variant"], key
+    for profile in raw["profiles"]:
+        assert resolve(raw, "deepcrack", profile=profile).profile == profile
+
+
+def test_resolution_order_base_profile_variant_override():
+    raw = {
+        "datasets": {"deepcrack": {"profile": "p"}},
+        "train": {"epochs": 1, "lr": 0.1},
+        "profiles": {"p": {"train": {"epochs": 2}}},
+        "variants": {"full": {}, "v": {"train": {"epochs": 3, "adversarial": False}}},
+    }
+    assert resolve(raw, "deepcrack").train.epochs == 2
+    cfg = resolve(raw, "deepcrack", "v", overrides=["train.epochs=4"])
+    assert (cfg.train.epochs, cfg.train.adversarial, cfg.train.lr) == (4, False, 0.1)
+
+
+def test_paper_profile_is_resnet38d_256_batch4_200_epochs():
+    cfg = load_config(PARAMS, "deepcrack", profile="paper")
+    assert (cfg.model.backbone, cfg.train.crop_size, cfg.train.batch_size, cfg.train.epochs) == (
+        "resnet38d", 256, 4, 200)
+
+
+def test_ablation_variants_match_table1_switches():
+    rows = {v: load_config(PARAMS, "deepcrack", v) for v in ("cls_det", "rec", "rec_ceccm", "full")}
+    switches = {v: (c.model.detector_inputs, c.ceccm.enabled, c.model.paam) for v, c in rows.items()}
+    assert switches == {
+        "cls_det": ("cls", False, False),
+        "rec": ("cls+rec", False, False),
+        "rec_ceccm": ("cls+rec", True, False),
+        "full": ("cls+rec", True, True),
+    }
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.epoch=3", "unknown key(s) epoch"),
+        ("train.epochs=three", "train.epochs: expected an integer"),
+        ("train.lr=true", "train.lr: expected a number"),
+        ("model.backbone=vgg", "model.backbone: 'vgg' is not one of"),
+        ("ceccm.mode=other", "ceccm.mode"),
+        ("nosection.x=1", "unknown key(s) nosection"),
+        ("train.epochs", "expected section.key=value"),
+    ],
+)
+def test_bad_values_are_named(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(PARAMS, "deepcrack", overrides=[override])
+
+
+def test_unknown_dataset_variant_profile():
+    with pytest.raises(ConfigError, match="unknown dataset 'kitti'"):
+        load_config(PARAMS, "kitti")
+    with pytest.raises(ConfigError, match="unknown variant 'nope'"):
+        load_config(PARAMS, "deepcrack", "nope")
+    with pytest.raises(ConfigError, match="unknown profile 'gpu'"):
+        load_config(PARAMS, "deepcrack", profile="gpu")
+
+
+def test_missing_params_file_is_a_clear_cli_error(tmp_path, capsys):
+    assert main(["train", "deepcrack", "--params", str(tmp_path / "nope.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "nope.yaml: parameter file not found" in err and len(err.strip().splitlines()) == 1
+
+
+def test_helpers():
+    assert parse_override("a.b.c=[1, 2]") == {"a": {"b": {"c": [1, 2]}}}
+    assert deep_merge({"a": {"x": 1, "y": 2}}, {"a": {"y": 3}}) == {"a": {"x": 1, "y": 3}}
