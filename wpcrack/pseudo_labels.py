@@ -120,16 +120,24 @@ class CRFPool:
         self.close()
 
 
+def confusion(labels: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> np.ndarray:
+    """int64 [TP, FP, FN] of the crack class, summed over pairs of (label, mask)."""
+    counts = np.zeros(3, dtype=np.int64)
+    for label, mask in zip(labels, masks, strict=True):
+        pred, gt = np.asarray(label) > 0, np.asarray(mask) > 0
+        counts += (np.count_nonzero(pred & gt), np.count_nonzero(pred & ~gt), np.count_nonzero(~pred & gt))
+    return counts
+
+
+def iou_of(counts: np.ndarray) -> float:
+    """TP / (TP + FP + FN); NaN when both sides are empty everywhere."""
+    union = int(counts.sum())
+    return float(counts[0]) / union if union else float("nan")
+
+
 def pseudo_label_iou(labels: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> float:
     """Crack-class IoU of pseudo labels against pixel masks, counts summed over the set.
 
-    Monitoring only: ground truth never reaches a loss. NaN when both are empty everywhere.
+    Monitoring only: ground truth never reaches a loss.
     """
-    tp = fp = fn = 0
-    for label, mask in zip(labels, masks, strict=True):
-        pred, gt = np.asarray(label) > 0, np.asarray(mask) > 0
-        tp += int(np.count_nonzero(pred & gt))
-        fp += int(np.count_nonzero(pred & ~gt))
-        fn += int(np.count_nonzero(~pred & gt))
-    union = tp + fp + fn
-    return tp / union if union else float("nan")
+    return iou_of(confusion(labels, masks))

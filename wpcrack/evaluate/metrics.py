@@ -212,7 +212,7 @@ class ConfusionAccumulator:
         ]
 
     def ods(self) -> tuple[float, float]:
-        """(best dataset F1 over the sweep, its threshold): the optimal dataset scale."""
+        """(best dataset F1 over the sweep, its threshold): the optimal dataset scale; ties go to the lowest."""
         if not self._sweeps:
             return 0.0, self.threshold
         f1 = scores(np.sum(self._sweeps, axis=0))["f1"]
@@ -246,10 +246,10 @@ class ConfusionAccumulator:
         return out
 
 
-def format_table(rows: dict[str, dict], keys: tuple[str, ...] | None = None) -> str:
+def format_table(rows: dict[str, dict], keys: tuple[str, ...] | None = None, label: str = "mode") -> str:
     """A Markdown table of summaries, percent with three decimals (the paper's format)."""
     keys = keys or PRIMARY + ("extra_miou", "extra_ods_f1", "extra_ois_f1", "extra_per_image_f1", "extra_per_image_iou")
-    header = "| mode | " + " | ".join(keys) + " |"
+    header = f"| {label} | " + " | ".join(keys) + " |"
     lines = [header, "|" + "---|" * (len(keys) + 1)]
     for name, summary in rows.items():
         lines.append(f"| {name} | " + " | ".join(f"{summary[k]:.3f}" for k in keys) + " |")

@@ -72,5 +72,5 @@ def score_folders(
     else:
         where = f"{size}x{size}" if size else "native size"
         print(f"{len(acc)} image pairs, threshold {threshold}, {where}; counts summed over all pixels")
-        print(format_table({pred_dir.name or str(pred_dir): summary}))
+        print(format_table({str(pred_dir): summary}, label="predictions"))
     return summary

@@ -1,0 +1,114 @@
+"""WeakDataset contract (docs/architecture.md), seeded augmentation, normalisation; synthetic images."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from wpcrack.config import Config, PathsConfig, PrepareConfig, SyntheticPrepare
+from wpcrack.data.datasets import WeakDataset, augment, denormalize, normalize
+from wpcrack.data.prepare import prepare
+from wpcrack.data.synthetic import crack_mask, make_image
+from wpcrack.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    data = tmp_path_factory.mktemp("data")
+    syn = SyntheticPrepare(size=40, train_crack=4, train_nocrack=4, val_crack=1, val_nocrack=1, test=2, seed=3)
+    return prepare(Config(paths=PathsConfig(data=str(data)), prepare=PrepareConfig(synthetic=syn)), "synthetic")
+
+
+def test_item_contract(manifest):
+    ds = WeakDataset(manifest, "train", crop_size=32, augment=True, seed=1)
+    item = ds[0]
+    assert item["image"].shape == (3, 32, 32) and item["image"].dtype == torch.float32
+    assert item["rgb"].shape == (32, 32, 3) and item["rgb"].dtype == torch.uint8
+    assert item["label"].dtype == torch.int64 and item["label"].item() in (0, 1)
+    assert item["mask"].shape == (1, 32, 32) and item["mask"].dtype == torch.float32
+    assert set(item["mask"].unique().tolist()) <= {0.0, 1.0}
+    assert item["has_mask"] is True and item["index"] == 0
+    assert torch.allclose(normalize(item["rgb"]), item["image"])
+    batch = next(iter(DataLoader(ds, batch_size=4)))
+    assert batch["image"].shape == (4, 3, 32, 32) and batch["label"].shape == (4,)
+    assert ds.labels.tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
+
+
+def test_augmentation_is_seeded_per_epoch(manifest):
+    ds = WeakDataset(manifest, "train", crop_size=24, augment=True, seed=5)
+    again = WeakDataset(manifest, "train", crop_size=24, augment=True, seed=5)
+    assert torch.equal(ds[1]["rgb"], again[1]["rgb"])
+    ds.set_epoch(1)
+    assert not torch.equal(ds[1]["rgb"], again[1]["rgb"])
+
+
+def test_eval_variant_returns_full_images(manifest):
+    ds = WeakDataset(manifest, "test")
+    item = ds[0]
+    assert item["image"].shape == (3, 40, 40) and item["mask"].sum() > 0
+    assert torch.equal(ds[0]["rgb"], item["rgb"])
+    centred = WeakDataset(manifest, "val", crop_size=20)[0]
+    assert centred["rgb"].shape == (20, 20, 3)
+
+
+def test_augment_keeps_mask_aligned_and_pads_small_images():
+    rng = np.random.default_rng(0)
+    rgb = np.zeros((10, 12, 3), np.uint8)
+    mask = np.zeros((10, 12), np.uint8)
+    rgb[4, :] = 255
+    mask[4, :] = 1
+    out_rgb, out_mask = augment(rgb, mask, rng, crop_size=16, scale_range=(1.0, 1.0))
+    assert out_rgb.shape == (16, 16, 3) and out_mask.shape == (16, 16)
+    assert np.array_equal(out_rgb[..., 0] == 255, out_mask == 1)
+
+
+def test_normalize_round_trip():
+    rgb = torch.randint(0, 256, (2, 5, 6, 3), dtype=torch.uint8)
+    x = normalize(rgb)
+    assert x.shape == (2, 3, 5, 6)
+    assert torch.equal(denormalize(x), rgb)
+    mean = np.array([[[124, 116, 104]]], np.uint8)  # ImageNet mean colour -> ~0
+    assert normalize(mean).abs().max() < 0.02
+
+
+def test_empty_split_is_an_error(tmp_path):
+    syn = SyntheticPrepare(size=16, train_crack=1, train_nocrack=0, val_crack=0, val_nocrack=0, test=1, seed=0)
+    path = prepare(Config(paths=PathsConfig(data=str(tmp_path)), prepare=PrepareConfig(synthetic=syn)), "synthetic")
+    with pytest.raises(DataError, match="no rows in split 'val'"):
+        WeakDataset(path, "val")
+
+
+def test_synthetic_is_deterministic_thin_and_exact():
+    a_rgb, a_mask = make_image(7, "train", 3, 64, crack=True)
+    b_rgb, b_mask = make_image(7, "train", 3, 64, crack=True)
+    assert np.array_equal(a_rgb, b_rgb) and np.array_equal(a_mask, b_mask)
+    assert not np.array_equal(a_rgb, make_image(7, "train", 4, 64, crack=True)[0])
+    assert set(np.unique(a_mask)) == {0, 255} and 0 < (a_mask > 0).mean() < 0.2
+    rgb, mask = make_image(7, "val", 0, 64, crack=False)
+    assert rgb.shape == (64, 64, 3) and mask.max() == 0
+
+
+def test_synthetic_cracks_are_thin_and_darker():
+    import cv2
+
+    mask = crack_mask(np.random.default_rng(0), 96)
+    eroded = cv2.erode(mask, np.ones((5, 5), np.uint8))  # only junctions survive: lines are <= 3 px wide
+    assert mask.sum() > 0 and eroded.sum() <= 0.02 * mask.sum()
+    darker = 0
+    for i in range(10):
+        rgb, m = make_image(1, "train", i, 64, crack=True)
+        grey = rgb.mean(axis=2)
+        near = cv2.dilate(m, np.ones((7, 7), np.uint8)) > 0
+        darker += grey[m > 0].mean() < grey[near & (m == 0)].mean()
+    assert darker == 10
+
+
+def test_synthetic_is_fast():
+    start = time.perf_counter()
+    for i in range(20):
+        make_image(0, "train", i, 96, crack=i % 2 == 0)
+    assert time.perf_counter() - start < 1.0

@@ -1,0 +1,252 @@
+"""prepare: split and patch rules on tiny fake raw folders, and every bad-input case."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from wpcrack.cli import main
+from wpcrack.config import (CFDPrepare, Config, Crack500Prepare, DeepCrackPrepare, PathsConfig, PrepareConfig,
+                            SyntheticPrepare)
+from wpcrack.data.manifest import load_manifest
+from wpcrack.data.prepare import grid_cells, prepare, split_sources
+from wpcrack.errors import DataError
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def _cfg(data: Path, **prepare_kw) -> Config:
+    small = dict(
+        synthetic=SyntheticPrepare(size=32, train_crack=6, train_nocrack=5, val_crack=2, val_nocrack=2, test=3, seed=1),
+        deepcrack=DeepCrackPrepare(image_size=24, nocrack_patches=10, nocrack_patch_size=12, val_fraction=0.25),
+        cfd=CFDPrepare(train_count=8, test_count=4, grid=3, patch_size=16, val_fraction=0.25),
+        crack500=Crack500Prepare(val_fraction=0.2, test_fraction=0.2, image_size=24, nocrack_crops=8,
+                                 nocrack_crop_size=12),
+    )
+    return Config(paths=PathsConfig(data=str(data)), prepare=PrepareConfig(**{**small, **prepare_kw}))
+
+
+def _photo(path: Path, mask_path: Path, rng: np.random.Generator, hw=(30, 40), crack=True, ext=".jpg") -> None:
+    """Noise image; a crack is a vertical line in the left third, so the right side is crack-free."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mask_path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path.with_suffix(ext)), rng.integers(0, 255, (*hw, 3), dtype=np.uint8))
+    mask = np.zeros(hw, np.uint8)
+    if crack:
+        mask[:, int(rng.integers(1, hw[1] // 3))] = 255
+    cv2.imwrite(str(mask_path.with_suffix(".png")), mask)
+
+
+def _fake_deepcrack(raw: Path) -> None:
+    rng = np.random.default_rng(0)
+    names = ["100-1", "100-2", "101", "102-1", "102-2", "103", "104", "105-1", "106", "107", "108-1", "108-2"]
+    for n in names:
+        _photo(raw / "train_img" / n, raw / "train_lab" / n, rng)
+    for n in ["200", "201-1", "108-3"]:  # 108 is a scene shared with the training set
+        _photo(raw / "test_img" / n, raw / "test_lab" / n, rng, hw=(40, 30))
+
+
+def _fake_cfd(raw: Path, n: int = 12) -> None:
+    rng = np.random.default_rng(1)
+    for i in range(1, n + 1):
+        _photo(raw / "images" / f"{i:03d}", raw / "masks" / f"{i:03d}", rng, hw=(32, 48))
+
+
+def _fake_crack500(raw: Path) -> None:
+    rng = np.random.default_rng(2)
+    root = raw / "crack500"
+    for p in range(10):
+        for k in range(3):
+            folder, labels = ("train", "label") if p < 7 else ("val", "val_label")
+            name = f"2016022{p}_08101{p}_{k * 10}_{k}"
+            _photo(root / folder / name, root / labels / name, rng, hw=(30, 50))
+
+
+def _sources_disjoint(df: pd.DataFrame) -> bool:
+    return bool((df.groupby("source_id")["split"].nunique() == 1).all())
+
+
+def test_synthetic_counts_and_rules(tmp_path):
+    cfg = _cfg(tmp_path)
+    path = prepare(cfg, "synthetic")
+    df = load_manifest(path)
+    counts = json.loads((path.parent / "counts.json").read_text())
+    s = cfg.prepare.synthetic
+    expected = {"train": (s.train_crack, s.train_nocrack), "val": (s.val_crack, s.val_nocrack), "test": (s.test, 0)}
+    for split, (crack, free) in expected.items():
+        rows = df[df.split == split]
+        assert (int(rows.label.sum()), int((rows.label == 0).sum())) == (crack, free)
+        assert (counts[split]["crack"], counts[split]["nocrack"]) == (crack, free)
+    assert _sources_disjoint(df)
+    assert set(df.height) == set(df.width) == {32}
+    for _, row in df.iterrows():  # labels agree with the pixel masks
+        mask = cv2.imread(str(path.parent / row["mask"]), cv2.IMREAD_GRAYSCALE)
+        assert int(mask.max() > 0) == row.label
+
+
+def test_prepare_is_deterministic(tmp_path):
+    a = prepare(_cfg(tmp_path / "a"), "synthetic")
+    b = prepare(_cfg(tmp_path / "b"), "synthetic")
+    assert a.read_bytes() == b.read_bytes()
+    first = pd.read_csv(a).image[0]
+    assert (a.parent / first).read_bytes() == (b.parent / first).read_bytes()
+
+
+def test_deepcrack_rules(tmp_path):
+    _fake_deepcrack(tmp_path / "raw" / "deepcrack")
+    cfg = _cfg(tmp_path)
+    path = prepare(cfg, "deepcrack")
+    df = load_manifest(path)
+    counts = json.loads((path.parent / "counts.json").read_text())
+    assert counts["dropped_test_overlap"] == 2  # 108-1, 108-2 share a scene with test 108-3
+    assert set(df[df.source_id == "108"].split) == {"test"}
+    assert _sources_disjoint(df)
+    train = df[df.split != "test"]
+    assert train.label.sum() == 10 and (train.label == 0).sum() == 10  # nocrack_patches in total
+    assert set(train.height) == {24} and set(train.width) == {24}
+    assert set(df[df.split == "val"].label) == {0, 1}
+    test = df[df.split == "test"]
+    assert len(test) == 3 and set(zip(test.height, test.width)) == {(40, 30)}  # original resolution
+    src = tmp_path / "raw" / "deepcrack" / "test_img" / "200.jpg"
+    assert (path.parent / test[test.source_id == "200"].image.iloc[0]).read_bytes() == src.read_bytes()
+    for _, row in df[df.label == 0].iterrows():  # crack-free patches really are crack-free
+        assert cv2.imread(str(path.parent / row["mask"]), cv2.IMREAD_GRAYSCALE).max() == 0
+
+
+def test_cfd_grid_and_split(tmp_path):
+    _fake_cfd(tmp_path / "raw" / "cfd")
+    cfg = _cfg(tmp_path)
+    df = load_manifest(prepare(cfg, "cfd"))
+    test = df[df.split == "test"]
+    assert len(test) == 4 and set(zip(test.height, test.width)) == {(32, 48)}
+    trainval = df[df.split != "test"]
+    assert len(trainval) == 8 * 9 and trainval.source_id.nunique() == 8
+    assert df[df.split == "val"].source_id.nunique() == 2
+    assert set(trainval.height) == {16}
+    # the crack is a vertical line in the left third of each image: only grid column 0 is crack
+    col = trainval.image.str.extract(r"_g(\d)\.png$")[0].astype(int) % 3
+    assert (trainval.label == (col == 0).astype(int)).all()
+    assert _sources_disjoint(df)
+
+
+def test_grid_cells_cover_the_image():
+    cells = grid_cells(320, 480, 3)
+    assert cells[0] == (0, 107, 0, 160) and cells[-1] == (213, 320, 320, 480)
+    assert sum((y1 - y0) * (x1 - x0) for y0, y1, x0, x1 in cells) == 320 * 480
+
+
+def test_crack500_split_by_source_photo(tmp_path):
+    _fake_crack500(tmp_path / "raw" / "crack500")
+    df = load_manifest(prepare(_cfg(tmp_path), "crack500"))
+    assert _sources_disjoint(df)
+    assert df.groupby("split").source_id.nunique().to_dict() == {"test": 2, "train": 6, "val": 2}
+    assert (df.label == 0).sum() == 8 and set(df[df.label == 0].split) <= {"train", "val"}
+    assert set(zip(df[df.split == "test"].height, df[df.split == "test"].width)) == {(30, 50)}
+
+
+def test_split_sources_is_seeded_and_complete():
+    ids = [f"s{i}" for i in range(20)]
+    a = split_sources(ids, {"val": 0.1, "test": 0.2}, np.random.default_rng(3))
+    b = split_sources(reversed(ids), {"val": 0.1, "test": 0.2}, np.random.default_rng(3))
+    assert a == b and sorted(a) == sorted(ids)
+    assert list(a.values()).count("val") == 2 and list(a.values()).count("test") == 4
+
+
+# ---- bad inputs: one-line error naming the file; previous output untouched, nothing half-written
+
+
+def _assert_clean_failure(tmp_path: Path, dataset: str, match: str) -> None:
+    prepared = tmp_path / "prepared"
+    before = sorted(p.name for p in prepared.iterdir()) if prepared.exists() else []
+    with pytest.raises(DataError, match=match) as err:
+        prepare(_cfg(tmp_path), dataset)
+    assert "\n" not in str(err.value)
+    after = sorted(p.name for p in prepared.iterdir()) if prepared.exists() else []
+    assert after == before  # no temporary folder left, nothing new
+
+
+@pytest.fixture
+def deepcrack_raw(tmp_path) -> Path:
+    raw = tmp_path / "raw" / "deepcrack"
+    _fake_deepcrack(raw)
+    return raw
+
+
+def test_corrupt_image(tmp_path, deepcrack_raw):
+    (deepcrack_raw / "train_img" / "103.jpg").write_bytes(b"\xff\xd8 garbage")
+    _assert_clean_failure(tmp_path, "deepcrack", r"train_img/103\.jpg: cannot be decoded as an image")
+
+
+def test_mask_of_wrong_size(tmp_path, deepcrack_raw):
+    cv2.imwrite(str(deepcrack_raw / "train_lab" / "104.png"), np.zeros((5, 5), np.uint8))
+    _assert_clean_failure(tmp_path, "deepcrack", r"train_lab/104\.png: mask is 5x5 but its image is 40x30")
+
+
+def test_missing_mask_file(tmp_path, deepcrack_raw):
+    (deepcrack_raw / "test_lab" / "200.png").unlink()
+    _assert_clean_failure(tmp_path, "deepcrack", r"test_lab/200\.png: mask not found for image 200\.jpg")
+
+
+def test_empty_folder(tmp_path, deepcrack_raw):
+    for f in (deepcrack_raw / "test_img").iterdir():
+        f.unlink()
+    _assert_clean_failure(tmp_path, "deepcrack", r"test_img: no images")
+
+
+def test_missing_raw_folder(tmp_path):
+    _assert_clean_failure(tmp_path, "cfd", r"raw/cfd: raw data not found; run `wpcrack download cfd` first")
+
+
+def test_wrong_image_count_for_cfd(tmp_path):
+    _fake_cfd(tmp_path / "raw" / "cfd", n=5)
+    _assert_clean_failure(tmp_path, "cfd", r"expected 12 images \(train_count \+ test_count\), found 5")
+
+
+def test_bad_crack500_name(tmp_path):
+    _fake_crack500(tmp_path / "raw" / "crack500")
+    rng = np.random.default_rng(0)
+    _photo(tmp_path / "raw/crack500/crack500/train/oddname", tmp_path / "raw/crack500/crack500/label/oddname", rng)
+    _assert_clean_failure(tmp_path, "crack500", r"oddname\.jpg: file name is not")
+
+
+def test_failure_keeps_previous_output(tmp_path, deepcrack_raw):
+    good = prepare(_cfg(tmp_path), "deepcrack").read_bytes()
+    (deepcrack_raw / "train_img" / "103.jpg").write_bytes(b"")
+    _assert_clean_failure(tmp_path, "deepcrack", "file is empty")
+    assert (tmp_path / "prepared" / "deepcrack" / "manifest.csv").read_bytes() == good
+
+
+def test_cli_prepare_errors_exit_2(tmp_path, deepcrack_raw, capsys):
+    (deepcrack_raw / "train_img" / "103.jpg").write_bytes(b"junk")
+    code = main(["prepare", "deepcrack", "--params", str(PARAMS), "--set", f"paths.data={tmp_path}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "103.jpg: cannot be decoded" in err[0]
+    assert main(["prepare", "cfd", "--params", str(PARAMS), "--set", f"paths.data={tmp_path}"]) == 2
+
+
+def test_cli_prepare_synthetic(tmp_path):
+    assert main(["prepare", "synthetic", "--params", str(PARAMS), "--set", f"paths.data={tmp_path}"]) == 0
+    assert (tmp_path / "prepared" / "synthetic" / "counts.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dataset", ["deepcrack", "cfd", "crack500"])
+def test_real_prepare(dataset, tmp_path):
+    from wpcrack.config import load_config
+    from wpcrack.data.sources import download
+
+    mirror = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+    if not mirror.is_dir():
+        pytest.skip("no dataset mirror")
+    download([dataset], tmp_path / "raw", mirror=mirror)
+    cfg = load_config(PARAMS, dataset=dataset, overrides=[f"paths.data={tmp_path}"])
+    path = prepare(cfg, dataset)
+    counts = json.loads((path.parent / "counts.json").read_text())
+    assert _sources_disjoint(load_manifest(path))
+    if dataset != "crack500":
+        assert counts["test"]["rows"] == {"deepcrack": 237, "cfd": 48}[dataset]

@@ -1,0 +1,258 @@
+"""The benchmark stage: parameters, latency, throughput and peak memory of the inference model.
+
+The paper's Table 5 reports parameters and FPS at 256x256 on an RTX 3090; this stage measures the
+same quantities for the slim inference model (``model.slim()``: only what prediction needs, plus
+the classifier head on CFD, whose inference is patch-gated) on the
+CPU, and on the GPU when there is one (fp32, bf16 autocast, bf16 + channels_last, and that under
+torch.compile). It records, and does not enforce, the cpu profile's goal.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import platform
+import re
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from wpcrack.config import Config
+from wpcrack.io import atomic_path, write_json
+from wpcrack.models.wpcracknet import count_parameters
+
+# The cpu profile's goal: the slim model at most this many ms per 256x256 image on 2 CPU cores.
+CPU_GOAL_MS = 60.0
+CPU_GOAL_SIZE = 256
+
+
+def _infer(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model's prediction entry point (``predict`` where it has one)."""
+    return getattr(model, "predict", None) or model
+
+
+class PeakRSS:
+    """Peak resident memory of this process during a block, minus the resident memory before it.
+
+    On Linux the kernel's high-water mark (VmHWM) is reset through /proc/self/clear_refs, which
+    measures each block on its own; elsewhere ``ru_maxrss`` only grows, so the delta is a lower bound.
+    """
+
+    def __init__(self):
+        self.method = "VmHWM reset" if self._reset() else "ru_maxrss delta (lower bound)"
+
+    @staticmethod
+    def _reset() -> bool:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            return True
+        except OSError:
+            return False
+
+    @staticmethod
+    def _status_kb(key: str) -> int | None:
+        try:
+            match = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+        except OSError:
+            return None
+        return int(match.group(1)) if match else None
+
+    def __enter__(self) -> PeakRSS:
+        self._reset()
+        self.before_kb = self._status_kb("VmRSS") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return self
+
+    def __exit__(self, *exc) -> None:
+        peak = self._status_kb("VmHWM") if self.method == "VmHWM reset" else None
+        peak = peak or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        self.delta_mb = max(peak - self.before_kb, 0) / 1024.0
+
+
+def _prepare(model: torch.nn.Module, device: str, mode: str) -> tuple[Callable, Callable]:
+    """(input maker, forward) for one precision / layout mode of a copy of ``model`` on ``device``."""
+    model = copy.deepcopy(model).to(device).eval()
+    layout = torch.channels_last if "channels_last" in mode else torch.contiguous_format
+    model = model.to(memory_format=layout)
+    forward = _infer(model)
+    if mode.endswith("compile"):
+        forward = torch.compile(forward)
+    autocast = "bf16" in mode
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
+            return forward(x)
+
+    def make(batch: int, size: int) -> torch.Tensor:
+        return torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=layout)
+
+    return make, run
+
+
+def measure(model: torch.nn.Module, device: str, mode: str, batch: int, size: int, warmup: int, iterations: int) -> dict:
+    """Latency (per batch and per image), throughput and peak memory of one configuration."""
+    make, run = _prepare(model, device, mode)
+    x = make(batch, size)
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    with PeakRSS() as rss:
+        for i in range(warmup + iterations):
+            sync()
+            start = time.perf_counter()
+            run(x)
+            sync()
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    median_ms = 1000.0 * statistics.median(times)
+    out = {
+        "device": device,
+        "mode": mode,
+        "batch_size": batch,
+        "latency_ms_median": median_ms,
+        "latency_ms_mean": 1000.0 * statistics.fmean(times),
+        "latency_ms_min": 1000.0 * min(times),
+        "ms_per_image": median_ms / batch,
+        "images_per_s": 1000.0 * batch / median_ms,
+        "iterations": iterations,
+    }
+    if cuda:
+        out["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        out["peak_memory_mb"] = rss.delta_mb
+    return out
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict:
+    import torchvision
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    env = {
+        "cpu": _cpu_name(),
+        "cpu_cores_available": cores,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    return env
+
+
+def device_modes() -> list[tuple[str, str]]:
+    """(device, mode) pairs to measure: fp32 on the CPU; on a GPU also bf16, channels_last, compile."""
+    pairs = [("cpu", "fp32")]
+    if torch.cuda.is_available():
+        pairs += [("cuda", m) for m in ("fp32", "bf16", "bf16_channels_last", "bf16_channels_last_compile")]
+    return pairs
+
+
+def _slim_agreement(model: torch.nn.Module, slim: torch.nn.Module, size: int) -> float:
+    """Largest difference between the full model's and the slim model's probabilities (should be ~0)."""
+    x = torch.randn(1, 3, size, size)
+    with torch.inference_mode():
+        return float((_infer(model)(x) - _infer(slim)(x)).abs().max())
+
+
+def benchmark(cfg: Config, model_dir: Path, out_dir: Path, model: torch.nn.Module | None = None) -> dict:
+    """Measure the trained model of ``model_dir`` (or ``model``); write ``<dataset>.json`` and ``.md``."""
+    if model is None:
+        from wpcrack.evaluate.inference import load_trained
+
+        model = load_trained(model_dir, cfg, "cpu")
+    model = model.cpu().eval()
+    gating = cfg.dataset == "cfd"  # CFD inference also runs the whole classifier (patch gating)
+    slim = model.slim(gating=gating).cpu().eval() if hasattr(model, "slim") else model
+    bc = cfg.benchmark
+    runs = {}
+    for device, mode in device_modes():
+        for batch in bc.batch_sizes:
+            key = f"{device}_{mode}_b{batch}"
+            try:
+                runs[key] = measure(slim, device, mode, batch, bc.size, bc.warmup, bc.iterations)
+            except Exception as exc:  # compile or bf16 may be unsupported; record, measure the rest
+                if device == "cpu" and mode == "fp32":
+                    raise
+                runs[key] = {"device": device, "mode": mode, "batch_size": batch, "error": f"{exc.__class__.__name__}: {exc}"[:300]}
+
+    cpu_b1 = runs.get("cpu_fp32_b1", {}).get("ms_per_image")
+    applicable = cfg.profile == "cpu" and bc.size == CPU_GOAL_SIZE and cpu_b1 is not None
+    result = {
+        "dataset": cfg.dataset,
+        "variant": cfg.variant,
+        "profile": cfg.profile,
+        "backbone": cfg.model.backbone,
+        "size": bc.size,
+        "slim_includes_gating_classifier": gating,
+        "parameters": {
+            "all": count_parameters(model),
+            "slim": count_parameters(slim),
+            "all_m": count_parameters(model) / 1e6,
+            "slim_m": count_parameters(slim) / 1e6,
+        },
+        "slim_max_abs_diff": _slim_agreement(model, slim, bc.size),
+        "memory_method": {"cpu": PeakRSS().method, "cuda": "torch.cuda.max_memory_allocated"},
+        "environment": environment(),
+        "runs": runs,
+        "goal": {
+            "description": f"cpu profile: slim model <= {CPU_GOAL_MS:g} ms per {CPU_GOAL_SIZE}x{CPU_GOAL_SIZE} "
+            "image at batch 1 on 2 CPU cores",
+            "limit_ms": CPU_GOAL_MS,
+            "measured_ms": cpu_b1,
+            "applicable": applicable,
+            "passed": bool(cpu_b1 <= CPU_GOAL_MS) if applicable else None,
+        },
+    }
+    out_dir = Path(out_dir)
+    write_json(out_dir / f"{cfg.dataset}.json", result)
+    markdown = to_markdown(result)
+    with atomic_path(out_dir / f"{cfg.dataset}.md") as tmp:
+        tmp.write_text(markdown)
+    print(markdown)
+    return result
+
+
+def to_markdown(result: dict) -> str:
+    p, env, goal = result["parameters"], result["environment"], result["goal"]
+    lines = [
+        f"# Benchmark: {result['dataset']}",
+        "",
+        f"Slim inference model of `{result['variant']}` ({result['profile']} profile, {result['backbone']}), "
+        f"{result['size']}x{result['size']} inputs. Parameters: {p['slim_m']:.3f} M for inference "
+        f"({p['all_m']:.3f} M with the training-only parts).",
+        "",
+        f"CPU: {env['cpu']}, {env['cpu_cores_available']} cores, {env['torch_threads']} torch threads; "
+        f"GPU: {env['gpu'] or 'none'}; torch {env['torch']}, torchvision {env['torchvision']}.",
+        "",
+        "| device | mode | batch | ms/batch (median) | ms/image | images/s | peak memory (MB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in result["runs"].values():
+        if "error" in run:
+            lines.append(f"| {run['device']} | {run['mode']} | {run['batch_size']} | failed: {run['error'][:80]} | | | |")
+            continue
+        lines.append(
+            f"| {run['device']} | {run['mode']} | {run['batch_size']} | {run['latency_ms_median']:.1f} | "
+            f"{run['ms_per_image']:.1f} | {run['images_per_s']:.1f} | {run['peak_memory_mb']:.0f} |"
+        )
+    status = {True: "met", False: "not met", None: "not applicable to this profile"}[goal["passed"]]
+    measured = f"{goal['measured_ms']:.1f} ms" if goal["measured_ms"] is not None else "n/a"
+    lines += ["", f"Goal ({goal['description']}): {status} ({measured}).",
+              "CPU peak memory is the resident-set growth during the timed runs; GPU peak is allocated memory.", ""]
+    return "\n".join(lines)

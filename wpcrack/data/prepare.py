@@ -1,0 +1,346 @@
+"""The ``prepare`` stage: per-dataset splits, patches and a validated manifest (design.md 2).
+
+``data/prepared/<dataset>/`` holds ``images/<split>/``, ``masks/<split>/``, ``manifest.csv``,
+``counts.json`` (DVC metrics) and ``split.json`` (source ids per split). It is built in a temporary folder and renamed into place, so a failure
+leaves the previous output untouched and never a half-written one.
+
+Pixel masks decide only the image-level label of a row (crack if it has at least
+``prepare.min_crack_pixels`` crack pixels; crack-free patches are cut where the mask is all zero), as
+a human labeller would. They are written beside each row for evaluation, monitoring and the
+supervised upper bound, and never reach the weakly-supervised losses.
+
+Training rows are rescaled to a square size (aspect ratio not kept, as in the paper); test rows keep
+their original resolution and their original image bytes (evaluation applies dataset rules itself).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from wpcrack.config import Config, PrepareConfig
+from wpcrack.errors import DataError
+from wpcrack.io import atomic_dir, list_images, read_image, read_mask, write_image, write_json
+
+SPLITS = ("train", "val", "test")
+PAPER_COUNTS = {  # WP-CrackNet section 4.1: the weakly-supervised training sets
+    "deepcrack": {"train_crack": 300, "train_nocrack": 296, "test": 237},
+    "cfd": {"train_crack": 268, "train_nocrack": 256, "test": 48},
+    "crack500": {"train_crack": 1896, "train_nocrack": 756, "test": 1124},
+}
+
+
+@dataclass(frozen=True)
+class Item:
+    """One source image with its mask on disk."""
+
+    name: str
+    image: Path
+    mask: Path
+    source_id: str
+
+
+@dataclass
+class Row:
+    image: str
+    mask: str
+    label: int
+    split: str
+    dataset: str
+    source_id: str
+    height: int
+    width: int
+
+
+class _Writer:
+    """Writes rows into the temporary prepared folder and keeps the manifest rows."""
+
+    def __init__(self, root: Path, dataset: str):
+        self.root, self.dataset, self.rows = root, dataset, []
+        self._names: set[str] = set()
+
+    def _paths(self, split: str, name: str, suffix: str) -> tuple[str, str]:
+        image, mask = f"images/{split}/{name}{suffix}", f"masks/{split}/{name}.png"
+        if image in self._names:
+            raise DataError(image, "two rows would share this output name")
+        self._names.add(image)
+        return image, mask
+
+    def add(self, split: str, name: str, rgb: np.ndarray, mask: np.ndarray, label: int, source_id: str) -> None:
+        """A derived row (rescaled image or patch), stored losslessly as PNG; mask {0,1} -> {0,255}."""
+        image, mask_rel = self._paths(split, name, ".png")
+        write_image(self.root / image, rgb)
+        write_image(self.root / mask_rel, mask.astype(np.uint8) * 255)
+        self.rows.append(Row(image, mask_rel, label, split, self.dataset, source_id, *rgb.shape[:2]))
+
+    def add_original(self, split: str, item: Item, min_pixels: int) -> None:
+        """A test row: the original image bytes (decoded once to validate) and its mask as 0/255 PNG."""
+        rgb = read_image(item.image)
+        mask = read_mask(item.mask, shape=rgb.shape[:2])
+        image, mask_rel = self._paths(split, item.name, item.image.suffix.lower())
+        (self.root / image).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(item.image, self.root / image)
+        write_image(self.root / mask_rel, mask * 255)
+        self.rows.append(Row(image, mask_rel, label_of(mask, min_pixels), split, self.dataset,
+                             item.source_id, *rgb.shape[:2]))
+
+
+def label_of(mask: np.ndarray, min_pixels: int) -> int:
+    """Image-level label from a {0,1} mask: the only use of pixel labels in weak training data."""
+    return int(int(mask.sum()) >= min_pixels)
+
+
+def resize(rgb: np.ndarray, size: int) -> np.ndarray:
+    """Square rescale: area averaging when shrinking (no aliasing), cubic when enlarging."""
+    h, w = rgb.shape[:2]
+    interp = cv2.INTER_AREA if size <= h and size <= w else cv2.INTER_CUBIC
+    return cv2.resize(rgb, (size, size), interpolation=interp)
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    return cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)
+
+
+def grid_cells(height: int, width: int, grid: int) -> list[tuple[int, int, int, int]]:
+    """(y0, y1, x0, x1) of a grid x grid cut, row-major; evaluation must cut CFD test images the same way."""
+    ys = np.linspace(0, height, grid + 1).round().astype(int)
+    xs = np.linspace(0, width, grid + 1).round().astype(int)
+    return [(ys[r], ys[r + 1], xs[c], xs[c + 1]) for r in range(grid) for c in range(grid)]
+
+
+def split_sources(ids: Iterable[str], fractions: dict[str, float], rng: np.random.Generator) -> dict[str, str]:
+    """Seeded split of *source* ids (never of crops/patches); each fraction rounds, train gets the rest."""
+    ids = sorted(set(ids))
+    order = [ids[i] for i in rng.permutation(len(ids))]
+    out, start = {}, 0
+    for split, frac in fractions.items():
+        n = int(round(len(ids) * frac))
+        out.update({s: split for s in order[start:start + n]})
+        start += n
+    out.update({s: "train" for s in order[start:]})
+    return out
+
+
+def pairs(image_dir: Path, mask_dir: Path, source_of: Callable[[str], str] = lambda s: s) -> list[Item]:
+    """Images of a folder with their same-named .png masks; a missing mask is an error."""
+    items = []
+    for image in list_images(image_dir):
+        mask = mask_dir / f"{image.stem}.png"
+        if not mask.is_file():
+            raise DataError(mask, f"mask not found for image {image.name}")
+        items.append(Item(image.stem, image, mask, source_of(image.stem)))
+    return items
+
+
+def free_windows(mask: np.ndarray, size: int) -> np.ndarray:
+    """Flat indices (y * (W - size + 1) + x) of size x size windows with no crack pixel."""
+    h, w = mask.shape
+    if h < size or w < size:
+        return np.empty(0, np.int64)
+    ii = cv2.integral(mask.astype(np.uint8), sdepth=cv2.CV_32S)
+    sums = ii[size:, size:] - ii[:-size, size:] - ii[size:, :-size] + ii[:-size, :-size]
+    return np.flatnonzero(sums == 0)
+
+
+def cut_nocrack(writer: _Writer, split: str, items: list[Item], count: int, size: int, out_size: int,
+                rng: np.random.Generator) -> int:
+    """Cut ``count`` crack-free squares, cycling over the shuffled sources so patches spread out.
+
+    Returns how many were made (fewer only when the sources run out of distinct free windows).
+    """
+    used: dict[int, set[int]] = {}
+    exhausted: set[int] = set()
+    order = rng.permutation(len(items)) if items else []
+    made = 0
+    while made < count and len(exhausted) < len(items):
+        for i in order:
+            if made >= count:
+                break
+            if i in exhausted:
+                continue
+            item = items[i]
+            rgb = read_image(item.image)
+            mask = read_mask(item.mask, shape=rgb.shape[:2])
+            free = np.setdiff1d(free_windows(mask, size), list(used.get(i, ())))
+            if free.size == 0:
+                exhausted.add(i)
+                continue
+            k = int(rng.choice(free))
+            used.setdefault(i, set()).add(k)
+            y, x = divmod(k, mask.shape[1] - size + 1)
+            patch = resize(rgb[y:y + size, x:x + size], out_size)
+            writer.add(split, f"{item.name}_nc{y}_{x}", patch, np.zeros((out_size, out_size), np.uint8), 0,
+                       item.source_id)
+            made += 1
+    return made
+
+
+def _proportional(total: int, sizes: dict[str, int]) -> dict[str, int]:
+    """Split ``total`` between splits in proportion to their sizes (largest share gets the remainder)."""
+    n = sum(sizes.values()) or 1
+    out = {k: int(round(total * v / n)) for k, v in sizes.items()}
+    biggest = max(sizes, key=sizes.get)
+    out[biggest] += total - sum(out.values())
+    return out
+
+
+def _rescaled_rows(writer: _Writer, split_of: dict[str, str], items: list[Item], size: int, min_pixels: int) -> None:
+    for item in _progress(items, writer.dataset):
+        rgb = read_image(item.image)
+        mask = read_mask(item.mask, shape=rgb.shape[:2])
+        writer.add(split_of[item.source_id], item.name, resize(rgb, size), resize_mask(mask, size),
+                   label_of(mask, min_pixels), item.source_id)
+
+
+def _nocrack_rows(writer: _Writer, split_of: dict[str, str], items: list[Item], total: int, size: int,
+                  out_size: int, rng: np.random.Generator) -> dict[str, int]:
+    """Crack-free patches from the train and val sources, shared in proportion to their images."""
+    by_split = {s: [it for it in items if split_of[it.source_id] == s] for s in ("train", "val")}
+    wanted = _proportional(total, {s: len(v) for s, v in by_split.items()})
+    made = {s: cut_nocrack(writer, s, by_split[s], wanted[s], size, out_size, rng) for s in by_split}
+    return {s: wanted[s] - made[s] for s in made if wanted[s] > made[s]}
+
+
+def deepcrack_source(stem: str) -> str:
+    """``11289-3`` -> ``11289``: DeepCrack crops of one scene share the name before ``-<k>``."""
+    head, sep, tail = stem.rpartition("-")
+    return head if sep and tail.isdigit() else stem
+
+
+def _deepcrack(p: PrepareConfig, raw: Path, writer: _Writer) -> dict:
+    """Official 300/237 split; the val photos are carved by scene, and training images whose scene
+    also appears in the official test split are dropped (12 photos; see docs/data.md)."""
+    c = p.deepcrack
+    train = pairs(raw / "train_img", raw / "train_lab", deepcrack_source)
+    test = pairs(raw / "test_img", raw / "test_lab", deepcrack_source)
+    test_sources = {it.source_id for it in test}
+    dropped = [it for it in train if it.source_id in test_sources]
+    train = [it for it in train if it.source_id not in test_sources]
+    split_of = split_sources((it.source_id for it in train), {"val": c.val_fraction}, np.random.default_rng([p.seed, 0]))
+    _rescaled_rows(writer, split_of, train, c.image_size, p.min_crack_pixels)
+    short = _nocrack_rows(writer, split_of, train, c.nocrack_patches, c.nocrack_patch_size, c.image_size,
+                          np.random.default_rng([p.seed, 1]))
+    for item in _progress(test, "deepcrack test"):
+        writer.add_original("test", item, p.min_crack_pixels)
+    return {"dropped_test_overlap": len(dropped), **({"nocrack_shortfall": short} if short else {})}
+
+
+def _cfd(p: PrepareConfig, raw: Path, writer: _Writer) -> dict:
+    c = p.cfd
+    items = pairs(raw / "images", raw / "masks")
+    if len(items) != c.train_count + c.test_count:
+        raise DataError(raw / "images", f"expected {c.train_count + c.test_count} images "
+                        f"(train_count + test_count), found {len(items)}")
+    rng = np.random.default_rng([p.seed, 0])
+    split_of = split_sources((it.source_id for it in items), {"test": c.test_count / len(items)}, rng)
+    train_ids = sorted(s for s, v in split_of.items() if v == "train")
+    split_of.update(split_sources(train_ids, {"val": c.val_fraction}, rng))
+    for item in _progress(items, "cfd"):
+        split = split_of[item.source_id]
+        if split == "test":
+            writer.add_original("test", item, p.min_crack_pixels)
+            continue
+        rgb = read_image(item.image)
+        mask = read_mask(item.mask, shape=rgb.shape[:2])
+        for k, (y0, y1, x0, x1) in enumerate(grid_cells(*rgb.shape[:2], c.grid)):
+            cell = mask[y0:y1, x0:x1]
+            writer.add(split, f"{item.name}_g{k}", resize(rgb[y0:y1, x0:x1], c.patch_size),
+                       resize_mask(cell, c.patch_size), label_of(cell, p.min_crack_pixels), item.source_id)
+    return {}
+
+
+def crack500_source(stem: str) -> str:
+    """``YYYYMMDD_hhmmss_<x>_<y>`` (or ``IMG_NNNN_<x>_<y>``) -> the first two fields, the source photo."""
+    parts = stem.split("_")
+    if len(parts) != 4 or not (parts[2].isdigit() and parts[3].isdigit()):
+        raise ValueError(stem)
+    return "_".join(parts[:2])
+
+
+def _crack500(p: PrepareConfig, raw: Path, writer: _Writer) -> dict:
+    c = p.crack500
+    root = raw / "crack500"
+    items = pairs(root / "train", root / "label") + pairs(root / "val", root / "val_label")
+    named = []
+    for it in items:
+        try:
+            named.append(Item(it.name, it.image, it.mask, crack500_source(it.name)))
+        except ValueError:
+            raise DataError(it.image, "file name is not <date>_<time>_<x>_<y> (source photo unknown)") from None
+    split_of = split_sources((it.source_id for it in named), {"val": c.val_fraction, "test": c.test_fraction},
+                             np.random.default_rng([p.seed, 0]))
+    test = [it for it in named if split_of[it.source_id] == "test"]
+    trainval = [it for it in named if split_of[it.source_id] != "test"]
+    _rescaled_rows(writer, split_of, trainval, c.image_size, p.min_crack_pixels)
+    short = _nocrack_rows(writer, split_of, trainval, c.nocrack_crops, c.nocrack_crop_size, c.image_size,
+                          np.random.default_rng([p.seed, 1]))
+    for item in _progress(test, "crack500 test"):
+        writer.add_original("test", item, p.min_crack_pixels)
+    return {"nocrack_shortfall": short} if short else {}
+
+
+def _synthetic(p: PrepareConfig, raw: Path, writer: _Writer) -> dict:
+    """Generated from ``prepare.synthetic.seed``; test images all contain cracks, like the real test sets."""
+    from wpcrack.data.synthetic import make_image
+
+    s = p.synthetic
+    plan = {"train": (s.train_crack, s.train_nocrack), "val": (s.val_crack, s.val_nocrack), "test": (s.test, 0)}
+    for split, (n_crack, n_free) in plan.items():
+        for i in range(n_crack + n_free):
+            rgb, mask = make_image(s.seed, split, i, s.size, crack=i < n_crack)
+            mask = (mask > 0).astype(np.uint8)
+            writer.add(split, f"{split}_{i:04d}", rgb, mask, label_of(mask, p.min_crack_pixels), f"{split}_{i:04d}")
+    return {}
+
+
+BUILDERS: dict[str, Callable[[PrepareConfig, Path, _Writer], dict]] = {
+    "synthetic": _synthetic, "deepcrack": _deepcrack, "cfd": _cfd, "crack500": _crack500,
+}
+
+
+def _progress(items: list, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="img", leave=False, disable=None)
+
+
+def counts(rows: list[Row], dataset: str, extra: dict) -> dict:
+    """counts.json: rows per split and label, source photos per split, and the paper's numbers."""
+    out: dict = {"dataset": dataset}
+    for split in SPLITS:
+        sel = [r for r in rows if r.split == split]
+        crack = sum(r.label for r in sel)
+        out[split] = {"crack": crack, "nocrack": len(sel) - crack, "rows": len(sel),
+                      "sources": len({r.source_id for r in sel})}
+    if dataset in PAPER_COUNTS:
+        out["paper"] = PAPER_COUNTS[dataset]
+    return {**out, **extra}
+
+
+def prepare(cfg: Config, dataset: str) -> Path:
+    """Build ``<paths.data>/prepared/<dataset>/`` from ``<paths.data>/raw/<dataset>/``; return the manifest path."""
+    from wpcrack.data.manifest import save_manifest
+
+    if dataset not in BUILDERS:
+        raise DataError(dataset, f"unknown dataset; valid: {', '.join(BUILDERS)}")
+    root = Path(cfg.paths.data)
+    raw, out = root / "raw" / dataset, root / "prepared" / dataset
+    if dataset != "synthetic" and not raw.is_dir():
+        raise DataError(raw, f"raw data not found; run `wpcrack download {dataset}` first")
+    with atomic_dir(out) as tmp:
+        writer = _Writer(tmp, dataset)
+        extra = BUILDERS[dataset](cfg.prepare, raw, writer)
+        if not writer.rows:
+            raise DataError(raw, "no rows were produced")
+        save_manifest([asdict(r) for r in writer.rows], tmp / "manifest.csv", name=out / "manifest.csv")
+        summary = counts(writer.rows, dataset, extra)
+        write_json(tmp / "counts.json", summary)
+        write_json(tmp / "split.json", {s: sorted({r.source_id for r in writer.rows if r.split == s}) for s in SPLITS})
+    print(f"{dataset}: " + "; ".join(f"{s} {summary[s]['crack']} crack + {summary[s]['nocrack']} no-crack"
+                                     for s in SPLITS) + f" -> {out}")
+    return out / "manifest.csv"

@@ -1,0 +1,284 @@
+"""Inference for evaluation: load a trained model, tiled and patch-gated prediction, CAMs.
+
+Dataset rules (design.md 1-2) live in ``eval_views``. The model sees a test image at the scale
+its training rows had, and is scored at the protocol's resolution:
+
+- DeepCrack: training rows were rescaled to ``prepare.deepcrack.image_size`` squares; the test
+  image is rescaled the same way (``wpcrack.data.prepare.resize``) and predicted, and the output is
+  brought to ``prepare.deepcrack.eval_size`` (256: the verified protocol scores there).
+- CRACK500: rescaled to ``prepare.crack500.image_size`` squares likewise, predicted, and the
+  probabilities resized bilinearly back to the native resolution, where they are scored.
+- CFD: patch-gated (paper 4.1): the image is cut into the training grid
+  (``wpcrack.data.prepare.grid_cells``), each cell resized to the training patch size, the
+  classifier keeps the patches it calls crack, only those are predicted, and the outputs are merged
+  at full size with zeros elsewhere.
+- Synthetic: native resolution (its training rows are not rescaled).
+
+``predict_image`` tiles any image larger than ``evaluate.tile_size`` (large survey photos).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from wpcrack.config import Config
+from wpcrack.errors import DataError, TrainingError
+
+
+def load_trained(model_dir: Path, cfg: Config, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """WPCrackNet from ``model_dir/best.pt`` (a dict whose ``"model"`` is the state dict), in eval mode.
+
+    The architecture comes from ``cfg``; a checkpoint that does not fit it (another variant or
+    profile) is reported as such instead of as a wall of missing keys.
+    """
+    from wpcrack.models.wpcracknet import build_model
+
+    # The checkpoint replaces every weight: skip loading ImageNet weights into the backbones.
+    arch = dataclasses.replace(cfg.model, pretrained=False, weights_path=None)
+    path = Path(model_dir) / "best.pt"
+    if not path.is_file():
+        raise DataError(path, "no trained model here (run `wpcrack train` for this dataset and variant first)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt or foreign files
+        raise DataError(path, f"cannot be loaded as a checkpoint ({exc.__class__.__name__}: {exc})") from exc
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise DataError(path, "not a wpcrack checkpoint (expected a dict with a 'model' state dict)")
+    model = build_model(arch)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise TrainingError(
+            f"{path}: weights do not fit the model built from the configuration "
+            f"(profile {cfg.profile}, variant {cfg.variant}, backbone {cfg.model.backbone}): {first}"
+        ) from exc
+    return model.to(device).eval()
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def to_batch(rgbs: list[np.ndarray], device: torch.device) -> torch.Tensor:
+    """uint8 HxWx3 images of one size -> ImageNet-normalised float [B,3,H,W] on ``device``."""
+    from wpcrack.data.datasets import normalize
+
+    return normalize(torch.from_numpy(np.stack(rgbs))).to(device)
+
+
+def _resize_map(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A float map to (H, W), bilinear."""
+    import cv2
+
+    h, w = size
+    if values.shape == (h, w):
+        return values
+    return cv2.resize(values.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+# --- tiled prediction ------------------------------------------------------------------------
+
+
+def _predict_batch(model: torch.nn.Module, rgbs: list[np.ndarray]) -> list[np.ndarray]:
+    with torch.inference_mode():
+        return list(model.predict(to_batch(rgbs, model_device(model)))[:, 0].float().cpu().numpy())
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Tile origins along one axis: stride ``tile - overlap``, the last tile flush with the end."""
+    if length <= tile:
+        return [0]
+    if not 0 <= overlap < tile:
+        raise ValueError(f"tile overlap {overlap} must be in [0, tile size {tile})")
+    starts = list(range(0, length - tile, tile - overlap))
+    return starts + [length - tile]
+
+
+def _ramp(n: int, overlap: int, rise: bool, fall: bool) -> np.ndarray:
+    """1 inside, linear ramps over ``overlap`` pixels on sides shared with a neighbour, never 0."""
+    w = np.ones(n, dtype=np.float32)
+    if overlap > 0:
+        ramp = np.arange(1, min(overlap, n) + 1, dtype=np.float32) / (overlap + 1)
+        if rise:
+            w[: ramp.size] = np.minimum(w[: ramp.size], ramp)
+        if fall:
+            w[n - ramp.size:] = np.minimum(w[n - ramp.size:], ramp[::-1])
+    return w
+
+
+def predict_images(model: torch.nn.Module, rgbs: list[np.ndarray], cfg: Config) -> list[np.ndarray]:
+    """Crack probabilities (float32 HxW each) of same-size images: one batch when they fit a tile."""
+    h, w = rgbs[0].shape[:2]
+    if h <= cfg.evaluate.tile_size and w <= cfg.evaluate.tile_size:
+        return _predict_batch(model, rgbs)
+    return [_predict_tiled(model, rgb, cfg) for rgb in rgbs]
+
+
+def predict_image(model: torch.nn.Module, rgb: np.ndarray, cfg: Config) -> np.ndarray:
+    """Crack probabilities (float32 HxW) of a full image, tiled when it is larger than a tile.
+
+    Tiles of ``tile_size`` overlap by ``tile_overlap``, are predicted in batches and blended with a
+    window that ramps down towards the seams, so tile borders (zero-padded context) count less. An
+    image that fits one tile is predicted in one pass, exactly as ``model.predict`` would.
+    """
+    return predict_images(model, [rgb], cfg)[0]
+
+
+def _predict_tiled(model: torch.nn.Module, rgb: np.ndarray, cfg: Config, batch_size: int = 8) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    tile, overlap = cfg.evaluate.tile_size, cfg.evaluate.tile_overlap
+    th, tw = min(tile, h), min(tile, w)
+    ys, xs = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
+    boxes = [(y, x) for y in ys for x in xs]
+    out = np.zeros((h, w), dtype=np.float32)
+    weight = np.zeros((h, w), dtype=np.float32)
+    for i in range(0, len(boxes), batch_size):
+        chunk = boxes[i:i + batch_size]
+        probs = _predict_batch(model, [rgb[y:y + th, x:x + tw] for y, x in chunk])
+        for (y, x), prob in zip(chunk, probs, strict=True):
+            win = np.outer(_ramp(th, overlap, y > 0, y + th < h), _ramp(tw, overlap, x > 0, x + tw < w))
+            out[y:y + th, x:x + tw] += prob * win
+            weight[y:y + th, x:x + tw] += win
+    return out / weight
+
+
+# --- CAMs --------------------------------------------------------------------------------------
+
+
+def crack_cams(model: torch.nn.Module, rgbs: list[np.ndarray], labels: list[int] | None = None) -> np.ndarray:
+    """Crack CAMs (float32 [B,H,W] in [0,1]) at input resolution, normalised as pseudo labels use them.
+
+    ``labels`` multiply the CAMs like the image labels do in training (a 0 gives an empty CAM).
+    """
+    from wpcrack.cam import crack_cam
+
+    h, w = rgbs[0].shape[:2]
+    x = to_batch(rgbs, model_device(model))
+    labels = torch.tensor(labels if labels is not None else [1] * len(rgbs))
+    with torch.inference_mode():
+        cam = crack_cam(model.classifier(x).cam, labels, size=(h, w))
+    return cam[:, 0].float().cpu().numpy()
+
+
+def cam_image(model: torch.nn.Module, rgb: np.ndarray, label: int = 1) -> np.ndarray:
+    """Normalised crack CAM (float32 HxW in [0,1]) of one image at full resolution."""
+    return crack_cams(model, [rgb], [label])[0]
+
+
+# --- patch gating (CFD) ------------------------------------------------------------------------
+
+
+def classify(model: torch.nn.Module, rgbs: list[np.ndarray]) -> np.ndarray:
+    """Image-level crack probability of each image (float [B])."""
+    with torch.inference_mode():
+        return model.classify(to_batch(rgbs, model_device(model))).float().cpu().numpy().reshape(-1)
+
+
+PatchHead = Callable[[list[np.ndarray]], dict[str, list[np.ndarray]]]
+
+
+def patch_gated(model: torch.nn.Module, rgb: np.ndarray, cfg: Config, head: PatchHead) -> dict[str, np.ndarray]:
+    """Run ``head`` on the crack patches of the CFD grid only; merge to full size, zeros elsewhere.
+
+    ``head`` maps resized patches (uint8 ``patch_size`` squares) to named float maps of that size;
+    each map is resized back bilinearly into its patch's cell. The result also holds ``"gate"``:
+    each cell filled with the classifier's crack probability.
+    """
+    from wpcrack.data.prepare import grid_cells, resize
+
+    h, w = rgb.shape[:2]
+    boxes = grid_cells(h, w, cfg.prepare.cfd.grid)
+    patches = [resize(rgb[y0:y1, x0:x1], cfg.prepare.cfd.patch_size) for y0, y1, x0, x1 in boxes]
+    p_crack = classify(model, patches)
+    gate = np.zeros((h, w), dtype=np.float32)
+    for (y0, y1, x0, x1), p in zip(boxes, p_crack, strict=True):
+        gate[y0:y1, x0:x1] = p
+    keep = [i for i, p in enumerate(p_crack) if p > 0.5]
+    outputs = head([patches[i] for i in keep]) if keep else {}
+    merged = {"gate": gate}
+    for name, maps in outputs.items():
+        merged[name] = np.zeros((h, w), dtype=np.float32)
+        for i, values in zip(keep, maps, strict=True):
+            y0, y1, x0, x1 = boxes[i]
+            merged[name][y0:y1, x0:x1] = _resize_map(values, (y1 - y0, x1 - x0))
+    return merged
+
+
+def predict_patch_gated(model: torch.nn.Module, rgb: np.ndarray, cfg: Config) -> np.ndarray:
+    """CFD detector output (float32 HxW): detector on classifier-selected grid patches only."""
+    merged = patch_gated(model, rgb, cfg, lambda ps: {"prob": predict_images(model, ps, cfg)})
+    return merged.get("prob", np.zeros(rgb.shape[:2], dtype=np.float32))
+
+
+# --- the evaluation views ----------------------------------------------------------------------
+
+
+class EvalViews(NamedTuple):
+    """One test image as the three evaluation modes see it (all at the evaluation resolution)."""
+
+    rgb: np.ndarray       # uint8 HxWx3, the image the model saw
+    prob: np.ndarray      # detector probabilities, float32 HxW
+    cam: np.ndarray       # normalised crack CAM, float32 HxW
+    pseudo: np.ndarray    # denseCRF of the CAM, uint8 {0,1} HxW
+
+
+def inference_size(cfg: Config) -> int | None:
+    """Square size the dataset's training rows were rescaled to (None: not rescaled, or patch-gated)."""
+    return {"deepcrack": cfg.prepare.deepcrack.image_size, "crack500": cfg.prepare.crack500.image_size}.get(cfg.dataset)
+
+
+def score_size(cfg: Config) -> int | None:
+    """Square size the dataset is scored at (DeepCrack, design.md 1), or None for native resolution."""
+    return cfg.prepare.deepcrack.eval_size if cfg.dataset == "deepcrack" else None
+
+
+def _refine(rgb: np.ndarray, cam: np.ndarray, cfg: Config) -> np.ndarray:
+    from wpcrack.pseudo_labels import refine
+
+    if not cam.any():
+        return np.zeros(cam.shape, dtype=np.uint8)
+    return refine(rgb, cam, cfg.pseudo_labels)
+
+
+def _views(model: torch.nn.Module, rgbs: list[np.ndarray], cfg: Config, labels: list[int] | None = None) -> dict[str, list[np.ndarray]]:
+    """Detector probabilities, CAMs and CRF pseudo labels (as floats) of images at the model's scale."""
+    cams = list(crack_cams(model, rgbs, labels))
+    return {
+        "prob": predict_images(model, rgbs, cfg),
+        "cam": cams,
+        "pseudo": [_refine(rgb, cam, cfg).astype(np.float32) for rgb, cam in zip(rgbs, cams, strict=True)],
+    }
+
+
+def eval_views(model: torch.nn.Module, rgb: np.ndarray, cfg: Config, label: int = 1) -> EvalViews:
+    """Detector output, crack CAM and its CRF pseudo label of one test image, per the dataset rules.
+
+    ``label`` is the image-level label the CAM is multiplied by, as in training (evaluating CAMs
+    conventionally uses the true image label). On CFD the classifier's gate plays that role for
+    each patch, as in the paper's patch-gated inference, and the CRF runs per kept patch at the
+    training patch size, the scale its pseudo labels were made at. Maps made at the model's scale
+    are resized bilinearly to the scoring resolution; the pseudo label is re-thresholded at 0.5.
+    """
+    from wpcrack.data.prepare import resize
+
+    if cfg.dataset == "cfd":
+        merged = patch_gated(model, rgb, cfg, lambda ps: _views(model, ps, cfg))
+        empty = np.zeros(rgb.shape[:2], dtype=np.float32)
+        maps = {k: merged.get(k, empty) for k in ("prob", "cam", "pseudo")}
+    else:
+        size = inference_size(cfg)
+        seen = resize(rgb, size) if size else rgb
+        maps = {k: v[0] for k, v in _views(model, [seen], cfg, [label]).items()}
+        out = score_size(cfg)
+        if out:
+            rgb = resize(rgb, out)
+        maps = {k: _resize_map(v, rgb.shape[:2]) for k, v in maps.items()}
+    return EvalViews(rgb, maps["prob"], maps["cam"], (maps["pseudo"] > 0.5).astype(np.uint8))

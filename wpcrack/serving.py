@@ -1,0 +1,169 @@
+"""The detector as an MLflow pyfunc model: base64 images in, base64 masks and crack shares out.
+
+Request: a DataFrame (REST: ``dataframe_records``) with one string column ``image`` holding
+base64-encoded PNG or JPEG bytes, one row per image, any size. Large images are tiled and tiles the
+classifier calls crack-free are skipped, exactly as ``wpcrack predict`` does. Response, per row:
+``mask`` (base64 PNG, 0/255, the image's size) and ``crack_share`` (crack pixels / all pixels).
+Optional params: ``threshold`` (crack probability; default: the model's ``evaluate.threshold``) and
+``gate`` (classifier probability below which a tile is skipped; 0 keeps every tile).
+
+Base64 strings rather than pixel arrays because any client (curl, a browser) can send a photo that
+way, each image keeps its own size, and the signature stays one plain string column.
+
+This file is logged as the model's code (MLflow "models from code", so no pickle), with the
+``wpcrack`` package beside it; ``load_context`` rebuilds the network from the logged weights and
+resolved configuration with ``build_model(cfg).slim()``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from mlflow.models import set_model
+from mlflow.pyfunc import PythonModel
+
+INPUT_COLUMN = "image"
+WEIGHTS_ARTIFACT = "weights"
+CONFIG_ARTIFACT = "config"
+
+
+def encode_png(array: np.ndarray) -> str:
+    """A uint8 image (HxW or RGB HxWx3) as base64 PNG text."""
+    import cv2
+
+    img = cv2.cvtColor(array, cv2.COLOR_RGB2BGR) if array.ndim == 3 else array
+    ok, buf = cv2.imencode(".png", img)
+    if not ok:
+        raise ValueError("could not encode the image as PNG")
+    return base64.b64encode(buf.tobytes()).decode("ascii")
+
+
+def decode_image(text: str) -> np.ndarray:
+    """Base64 PNG/JPEG text -> RGB uint8 HxWx3 (ValueError when it is not one)."""
+    import cv2
+
+    try:
+        data = np.frombuffer(base64.b64decode(text, validate=True), dtype=np.uint8)
+    except (binascii.Error, TypeError) as exc:
+        raise ValueError(f"not base64 text ({exc})") from None
+    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if img is None:
+        raise ValueError("the bytes are not a PNG or JPEG image")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def example_frame(example: Any) -> pd.DataFrame:
+    """The pyfunc input for an example: a DataFrame as is, a uint8 RGB image, or an
+    ImageNet-normalised float batch/image ([B,]3,H,W, tensor or array) of which the first is used."""
+    import torch
+
+    if isinstance(example, pd.DataFrame):
+        return example
+    if isinstance(example, np.ndarray) and example.dtype == np.uint8 and example.ndim == 3 and example.shape[-1] == 3:
+        return pd.DataFrame({INPUT_COLUMN: [encode_png(example)]})
+    from wpcrack.data.datasets import denormalize
+
+    x = torch.as_tensor(example)
+    x = x[0] if x.ndim == 4 else x
+    if x.ndim != 3 or x.shape[0] != 3:
+        raise ValueError(f"input example: expected an RGB image or a [B,3,H,W] batch, got shape {tuple(x.shape)}")
+    return pd.DataFrame({INPUT_COLUMN: [encode_png(denormalize(x.detach().cpu()).numpy())]})
+
+
+def signature(threshold: float, gate: float):
+    """Input: string column ``image``; output: ``mask`` (string), ``crack_share`` (double)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", INPUT_COLUMN)]),
+        outputs=Schema([ColSpec("string", "mask"), ColSpec("double", "crack_share")]),
+        params=ParamSchema([ParamSpec("threshold", "double", threshold), ParamSpec("gate", "double", gate)]),
+    )
+
+
+def save_artifacts(detector, cfg, folder: Path) -> dict[str, str]:
+    """Write the detector's weights and resolved config into ``folder``; the pyfunc artifact map."""
+    import torch
+
+    from wpcrack.config import dump_config
+
+    folder.mkdir(parents=True, exist_ok=True)
+    weights, config = folder / "detector.pt", folder / "config.yaml"
+    torch.save({k: v.detach().cpu() for k, v in detector.state_dict().items()}, weights)
+    dump_config(cfg, config)
+    return {WEIGHTS_ARTIFACT: str(weights), CONFIG_ARTIFACT: str(config)}
+
+
+def load_slim(weights: str | Path, cfg):
+    """Rebuild the SlimDetector for ``cfg`` and load its weights (sliced with the classifier head,
+    for gating, when the weights have one)."""
+    import torch
+
+    from wpcrack.models.wpcracknet import build_model
+    from wpcrack.predict import inference_copy
+
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    gating = any(k.startswith("cls_head.") for k in state)
+    slim = build_model(inference_copy(cfg)).slim(gating=gating)
+    slim.load_state_dict(state)
+    return slim.eval()
+
+
+class CrackDetector(PythonModel):
+    """pyfunc wrapper; ``detector`` and ``cfg`` are public so ``wpcrack predict`` can reuse them."""
+
+    def load_context(self, context) -> None:
+        from wpcrack.predict import device, load_resolved_config
+
+        self.cfg = load_resolved_config(context.artifacts[CONFIG_ARTIFACT])
+        self.detector = load_slim(context.artifacts[WEIGHTS_ARTIFACT], self.cfg).to(device())
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        from mlflow.exceptions import MlflowException
+
+        from wpcrack.predict import DEFAULT_GATE, probability_map
+
+        params = params or {}
+        threshold = float(params.get("threshold", self.cfg.evaluate.threshold))
+        gate = float(params.get("gate", DEFAULT_GATE))
+        if INPUT_COLUMN not in model_input.columns:
+            raise MlflowException.invalid_parameter_value(f"input needs a column {INPUT_COLUMN!r} of base64 images")
+        masks, shares = [], []
+        for i, text in enumerate(model_input[INPUT_COLUMN]):
+            try:
+                rgb = decode_image(text)
+            except ValueError as exc:
+                raise MlflowException.invalid_parameter_value(f"row {i}: {exc}") from None
+            prob, _, _ = probability_map(self.detector, rgb, self.cfg, gate)
+            mask = prob > threshold
+            masks.append(encode_png(mask.astype(np.uint8) * 255))
+            shares.append(float(mask.mean()))
+        return pd.DataFrame({"mask": masks, "crack_share": shares})
+
+
+def load_pyfunc_detector(uri: str):
+    """(SlimDetector, resolved config) of a logged model, e.g. ``models:/wpcrack-deepcrack@champion``."""
+    from mlflow.exceptions import MlflowException
+
+    from wpcrack.errors import WpcrackError
+    from wpcrack.tracking import mlflow_module
+
+    mlflow = mlflow_module()
+    try:
+        model = mlflow.pyfunc.load_model(uri)
+    except MlflowException as exc:
+        raise WpcrackError(
+            f"{uri}: cannot load from MLflow ({mlflow.get_tracking_uri()}): {exc.message.splitlines()[0]}. "
+            "Train and promote a model first, or pass --model <trained model folder>"
+        ) from None
+    impl = model.unwrap_python_model()
+    return impl.detector, impl.cfg
+
+
+set_model(CrackDetector())

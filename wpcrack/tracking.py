@@ -1,0 +1,366 @@
+"""MLflow tracking: one run per stage, the detector as a registered pyfunc, a ``champion`` alias.
+
+The store is ``$MLFLOW_TRACKING_URI``, by default ``sqlite:///<repo root>/mlflow.db`` (repo root:
+the nearest folder at or above the working directory that holds ``params.yaml``). With a sqlite
+store, artifacts go to ``mlartifacts/`` beside the database, so ``mlflow ui --backend-store-uri
+sqlite:///mlflow.db`` at the repo root shows runs, artifacts and models.
+
+Every run is tagged ``dataset``, ``variant``, ``profile``, ``git_commit``, ``git_dirty``, ``stage``
+(e.g. ``train@deepcrack``) and, when DVC runs the command, ``dvc_stage`` (from ``$DVC_STAGE``).
+
+Models are registered as ``<tracking.model_name_prefix>-<dataset>``; each version carries the same
+tags plus ``test_iou`` once it has been scored. The serving model is the alias ``champion``
+(aliases, not the deprecated stages), moved only to a version whose test IoU is not worse.
+
+MLflow is imported inside the functions: ``wpcrack --help`` must not pay for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from wpcrack.errors import ConfigError, WpcrackError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from wpcrack.config import Config
+
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+CHAMPION = "champion"
+EVALUATION_PREFIX = "detector/"  # evaluate logs the detector's metrics as detector/<name>
+
+
+def repo_root(start: str | Path | None = None) -> Path:
+    """The nearest folder at or above ``start`` (default: cwd) holding params.yaml, else ``start``."""
+    start = Path(start or Path.cwd()).resolve()
+    for folder in (start, *start.parents):
+        if (folder / "params.yaml").is_file():
+            return folder
+    return start
+
+
+def tracking_uri() -> str:
+    return os.environ.get(TRACKING_URI_ENV) or f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def _artifact_root(uri: str) -> str | None:
+    """``mlartifacts/`` beside a sqlite database; None lets a tracking server decide."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+
+
+def mlflow_module():
+    """The ``mlflow`` module, pointed at this project's store, telemetry off."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    return mlflow
+
+
+def client():
+    return mlflow_module().MlflowClient()
+
+
+def model_name(prefix: str, dataset: str | None) -> str:
+    """Registered model name of a dataset's detector, e.g. ``wpcrack-deepcrack``."""
+    if not dataset:
+        raise ConfigError("a registered model needs a dataset")
+    return f"{prefix}-{dataset}"
+
+
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_commit(root: str | Path | None = None) -> str:
+    """HEAD of the repository at ``root`` (default: repo root), or ``unknown`` outside git."""
+    return _git(Path(root or repo_root()), "rev-parse", "HEAD") or "unknown"
+
+
+def run_tags(cfg: Config, stage: str) -> dict[str, str]:
+    """The tags every run and model version carries."""
+    root = repo_root()
+    commit = git_commit(root)
+    status = _git(root, "status", "--porcelain", "--untracked-files=no") if commit != "unknown" else None
+    tags = {
+        "dataset": cfg.dataset or "",
+        "variant": cfg.variant,
+        "profile": cfg.profile,
+        "stage": stage,
+        "git_commit": commit,
+        "git_dirty": "unknown" if status is None else str(bool(status)).lower(),
+        "mlflow.source.git.commit": commit,
+    }
+    if os.environ.get("DVC_STAGE"):
+        tags["dvc_stage"] = os.environ["DVC_STAGE"]
+    return tags
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 0.1}}`` -> ``{"train.lr": 0.1}`` (lists and scalars are leaves)."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def experiment_id(name: str) -> str:
+    """The experiment's id, creating it (artifacts beside a sqlite store) on first use."""
+    mlflow = mlflow_module()
+    found = mlflow.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return mlflow.create_experiment(name, artifact_location=_artifact_root(mlflow.get_tracking_uri()))
+    except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel stage
+        return mlflow.get_experiment_by_name(name).experiment_id
+
+
+class Tracker:
+    """The open run of one stage. Create it with ``start_run``."""
+
+    def __init__(self, cfg: Config, stage: str, run_id: str, tags: dict[str, str]):
+        self.cfg = cfg
+        self.stage = stage
+        self.run_id = run_id
+        self.tags = tags
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Parameters, nested mappings flattened with dots (e.g. ``cfg.to_dict()``)."""
+        mlflow_module().log_params({k: str(v) for k, v in flatten(params).items()}, run_id=self.run_id)
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        mlflow_module().log_metrics({k: float(v) for k, v in metrics.items()}, step=step, run_id=self.run_id)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """A file or a whole folder."""
+        from wpcrack.errors import DataError
+
+        path = Path(path)
+        mlflow = mlflow_module()
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), artifact_path, run_id=self.run_id)
+        elif path.is_file():
+            mlflow.log_artifact(str(path), artifact_path, run_id=self.run_id)
+        else:
+            raise DataError(path, "artifact to log not found")
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        mlflow_client = client()
+        for key, value in tags.items():
+            mlflow_client.set_tag(self.run_id, key, str(value))
+
+    def log_detector(self, slim_model, input_example: Any = None) -> int | None:
+        """Log the detector as a pyfunc (``wpcrack.serving``) with signature and input example,
+        register it as ``<prefix>-<dataset>`` and return the new version (None when
+        ``tracking.log_models`` is off). ``slim_model`` may be a SlimDetector or a WPCrackNet."""
+        if not self.cfg.tracking.log_models:
+            return None
+        import wpcrack
+        from wpcrack import serving
+        from wpcrack.predict import DEFAULT_GATE
+
+        mlflow = mlflow_module()
+        name = model_name(self.cfg.tracking.model_name_prefix, self.cfg.dataset)
+        detector = slim_model.slim() if hasattr(slim_model, "slim") else slim_model
+        with tempfile.TemporaryDirectory(prefix="wpcrack-model-") as tmp:
+            artifacts = serving.save_artifacts(detector, self.cfg, Path(tmp) / "artifacts")
+            example = serving.example_frame(input_example) if input_example is not None else None
+            info = mlflow.pyfunc.log_model(
+                name="detector",
+                python_model=serving.__file__,
+                artifacts=artifacts,
+                code_paths=[_package_copy(Path(wpcrack.__file__).parent, Path(tmp) / "code")],
+                signature=serving.signature(self.cfg.evaluate.threshold, DEFAULT_GATE),
+                input_example=example,
+                pip_requirements=_requirements(),
+                registered_model_name=name,
+            )
+        version = int(info.registered_model_version)
+        mlflow_client = mlflow.MlflowClient()
+        for key, value in self.tags.items():
+            if not key.startswith("mlflow."):
+                mlflow_client.set_model_version_tag(name, str(version), key, value)
+        self.set_tags({"registered_model": name, "model_version": version})
+        return version
+
+
+def _package_copy(package: Path, dest: Path) -> str:
+    """A copy of the ``wpcrack`` package without caches, to log as the model's code."""
+    import shutil
+
+    target = dest / package.name
+    shutil.copytree(package, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return str(target)
+
+
+def _requirements() -> list[str]:
+    """What the serving environment needs, pinned to what trained the model (no slow inference)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ("mlflow", "torch", "torchvision", "numpy", "pandas", "opencv-python-headless", "pyyaml", "scipy", "pillow")
+    out = []
+    for name in names:
+        try:
+            out.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            out.append(name)
+    return out
+
+
+@contextlib.contextmanager
+def start_run(cfg: Config, stage: str, tags: Mapping[str, str] | None = None) -> Iterator[Tracker]:
+    """An MLflow run for one stage of one dataset/variant; FAILED if the block raises."""
+    mlflow = mlflow_module()
+    all_tags = {**run_tags(cfg, stage), **(tags or {})}
+    nested = mlflow.active_run() is not None
+    with mlflow.start_run(experiment_id=experiment_id(cfg.tracking.experiment), run_name=stage,
+                          tags=all_tags, nested=nested) as run:
+        yield Tracker(cfg, stage, run.info.run_id, all_tags)
+
+
+# --- model registry: champion --------------------------------------------------------------------
+
+
+class Promotion(NamedTuple):
+    promoted: bool
+    champion_iou: float | None  # the champion's test IoU before the decision (None: no champion)
+    challenger_iou: float
+
+
+def score_tag(metric: str = "iou") -> str:
+    return f"test_{metric}"
+
+
+def champion_version(name: str):
+    """The ModelVersion the ``champion`` alias points to, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client().get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def latest_version(name: str, variant: str | None = None):
+    """The newest registered version of ``name`` (only versions tagged ``variant``, if given)."""
+    found = client().search_model_versions(f"name = '{name}'")
+    found = [v for v in found if variant is None or v.tags.get("variant") == variant]
+    return max(found, key=lambda v: int(v.version), default=None)
+
+
+def version_score(name: str, version: int | str, metric: str = "iou") -> float | None:
+    """A version's recorded test score: its ``test_<metric>`` tag, else the ``detector/<metric>`` of
+    the first evaluate run of its dataset/variant that started after the version was registered."""
+    c = client()
+    mv = c.get_model_version(name, str(version))
+    if score_tag(metric) in mv.tags:
+        return float(mv.tags[score_tag(metric)])
+    dataset, variant = mv.tags.get("dataset"), mv.tags.get("variant")
+    if not dataset or not variant or not mv.run_id:
+        return None
+    runs = c.search_runs(
+        [c.get_run(mv.run_id).info.experiment_id],
+        filter_string=(f"tags.dataset = '{dataset}' and tags.variant = '{variant}' and tags.stage LIKE 'evaluate@%' "
+                       f"and attributes.start_time >= {mv.creation_timestamp}"),
+        order_by=["attributes.start_time ASC"],
+        max_results=1,
+    )
+    value = runs[0].data.metrics.get(EVALUATION_PREFIX + metric) if runs else None
+    return None if value is None else float(value)
+
+
+def record_score(name: str, version: int | str, score: float, metric: str = "iou") -> None:
+    """Remember a version's test score on the version itself (tag ``test_<metric>``)."""
+    client().set_model_version_tag(name, str(version), score_tag(metric), repr(float(score)))
+
+
+def set_champion_if_not_worse(name: str, challenger_version: int | str, challenger_iou: float,
+                              metric: str = "iou") -> Promotion:
+    """Point ``champion`` at the challenger unless the current champion's test score is higher.
+
+    The challenger's score is recorded on its version either way. A champion without a recorded
+    score cannot be compared, so it is kept (tag it ``test_<metric>`` to allow a replacement).
+    """
+    record_score(name, challenger_version, challenger_iou, metric)
+    current = champion_version(name)
+    champion_iou = version_score(name, current.version, metric) if current is not None else None
+    if current is not None and champion_iou is None:
+        return Promotion(False, None, float(challenger_iou))
+    promoted = champion_iou is None or challenger_iou >= champion_iou
+    if promoted:
+        client().set_registered_model_alias(name, CHAMPION, str(challenger_version))
+    return Promotion(promoted, champion_iou, float(challenger_iou))
+
+
+def promote_champion(dataset: str, version: int | str | None = None, run_id: str | None = None,
+                     metric: str = "iou", score: float | None = None, prefix: str = "wpcrack") -> Promotion:
+    """Move ``champion`` of ``<prefix>-<dataset>`` to a version if it is not worse than the champion.
+
+    The version is ``version``, the one registered by run ``run_id``, or else the best-scoring
+    evaluated version of the full variant. Its score is ``score`` or its recorded/evaluated one.
+    """
+    name = model_name(prefix, dataset)
+    c = client()
+    if version is None and run_id is not None:
+        found = c.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        if not found:
+            raise WpcrackError(f"run {run_id} registered no version of model {name}")
+        version = found[0].version
+    if version is None:
+        scored = [(version_score(name, v.version, metric), v.version)
+                  for v in c.search_model_versions(f"name = '{name}'") if v.tags.get("variant", "full") == "full"]
+        scored = [(s, v) for s, v in scored if s is not None]
+        if not scored:
+            raise WpcrackError(f"model {name} has no evaluated version of the full variant to promote")
+        score, version = max(scored, key=lambda sv: (sv[0], int(sv[1])))
+    if score is None:
+        score = version_score(name, version, metric)
+    if score is None:
+        raise WpcrackError(f"{name} version {version} has no test {metric}: evaluate it first")
+    return set_champion_if_not_worse(name, version, score, metric)
+
+
+# --- queries for reports -------------------------------------------------------------------------
+
+
+def search_runs(experiment: str = "wpcrack", dataset: str | None = None, variant: str | None = None,
+                stage: str | None = None, max_results: int = 1000) -> pd.DataFrame:
+    """Runs of the experiment as a DataFrame (``metrics.*``, ``params.*``, ``tags.*`` columns),
+    newest first, filtered by tags; empty when the experiment does not exist yet."""
+    import pandas as pd
+
+    mlflow = mlflow_module()
+    if mlflow.get_experiment_by_name(experiment) is None:
+        return pd.DataFrame()
+    filters = [f"tags.{k} = '{v}'" for k, v in (("dataset", dataset), ("variant", variant), ("stage", stage)) if v]
+    return mlflow.search_runs(experiment_names=[experiment], filter_string=" and ".join(filters),
+                              order_by=["attributes.start_time DESC"], max_results=max_results)
+
+
+def latest_metrics(experiment: str = "wpcrack", dataset: str | None = None, variant: str | None = None,
+                   stage: str | None = None) -> dict[str, float]:
+    """Metrics of the newest matching run ({} if none), e.g. for a comparison table."""
+    runs = search_runs(experiment, dataset, variant, stage, max_results=1)
+    if runs.empty:
+        return {}
+    row = runs.iloc[0]
+    return {k.removeprefix("metrics."): float(row[k]) for k in runs.columns
+            if k.startswith("metrics.") and row[k] == row[k]}

@@ -1,0 +1,69 @@
+"""Checkpoints that survive a kill at any moment and load with ``weights_only=True``.
+
+``checkpoint.pt`` (the last epoch, for ``--resume``) holds the model, all optimisers and poly
+schedules, the epoch and step counters, every random generator (python, numpy, torch, CUDA, the
+DataLoader's) and the run's history, so a resumed run continues bit for bit. ``best.pt`` (chosen
+on validation) holds only what inference needs: the model, the resolved config and the score.
+Everything is tensors and plain Python types, so no pickled object is ever executed on load.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from wpcrack.errors import TrainingError
+from wpcrack.io import atomic_path
+
+CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+
+
+def save(path: str | Path, state: dict[str, Any]) -> None:
+    """Write ``state`` to a temporary file beside ``path``, then rename it into place."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """A checkpoint written by ``save`` (tensors on the CPU)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated or foreign files
+        raise TrainingError(f"{path}: cannot be loaded as a checkpoint ({exc.__class__.__name__}: {exc})") from exc
+
+
+def rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
+    """Every random generator training draws from, as tensors and ints."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": {"version": version, "mt": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    if generator is not None:
+        state["loader"] = generator.get_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], generator: torch.Generator | None = None) -> None:
+    """Restore what ``rng_state`` captured."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["mt"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if generator is not None and "loader" in state:
+        generator.set_state(state["loader"])

@@ -1,0 +1,411 @@
+"""``wpcrack train``: epochs of the three-phase step, validation, checkpoints, metrics, tracking.
+
+Outputs in ``out_dir`` (fixed names, DVC tracks them): ``checkpoint.pt`` (last epoch, for
+``--resume``), ``best.pt`` (best validation score), ``config.yaml`` (resolved config, git commit
+in a comment), ``train_metrics.json`` (final and best values, timing), ``history.csv`` (a row per
+epoch). Checkpoints are written only at epoch ends, so a killed or failed run keeps the last good
+one and ``--resume`` replays the interrupted epoch exactly: on the CPU a resumed run ends with the
+same weights as an uninterrupted one (on a GPU, kernels are not bitwise deterministic).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import random
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+from wpcrack.cam import crack_cam
+from wpcrack.config import Config
+from wpcrack.errors import ConfigError, TrainingError
+from wpcrack.io import atomic_path, write_json
+from wpcrack.pseudo_labels import CRFPool, confusion, iou_of
+from wpcrack.train import checkpoint
+from wpcrack.train.optim import Optimizers, build_optimizers, freeze_batchnorm
+from wpcrack.train.phases import Batch, Runtime, train_step
+
+TIMING_KEYS = ("rec_s", "cls_s", "det_s", "crf_wait_s", "data_s")
+
+
+@dataclass
+class RunState:
+    """Progress of a run; stored in ``checkpoint.pt`` as plain types."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # iterations completed
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # summed over every step of the run
+    timed_steps: int = 0
+
+
+def train(cfg: Config, out_dir: str | Path, resume: bool = False, *, track: bool = True) -> dict[str, Any]:
+    """Train WP-CrackNet (or a variant) on ``data/prepared/<dataset>``; returns train_metrics.json's dict.
+
+    ``resume`` continues from ``out_dir/checkpoint.pt`` when there is one (same configuration
+    required). ``track`` False skips MLflow (tests).
+    """
+    if cfg.dataset is None:
+        raise ConfigError("train needs a dataset")
+    from wpcrack.data.datasets import WeakDataset
+    from wpcrack.models.wpcracknet import build_model
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t = cfg.train
+    runtime = Runtime.for_config(cfg)
+    manifest = Path(cfg.paths.data) / "prepared" / cfg.dataset / "manifest.csv"
+    train_set = WeakDataset(manifest, "train", crop_size=t.crop_size, augment=True, seed=t.seed)
+    val_set = WeakDataset(manifest, "val")
+
+    with _deterministic(runtime):
+        _seed_everything(t.seed)
+        generator = torch.Generator().manual_seed(t.seed)
+        loader = DataLoader(
+            train_set, batch_size=t.batch_size, shuffle=True, drop_last=len(train_set) >= t.batch_size,
+            num_workers=t.num_workers, generator=generator, worker_init_fn=_seed_worker,
+            pin_memory=runtime.device.type == "cuda", persistent_workers=t.num_workers > 0,
+        )
+        steps = min(len(loader), t.max_steps_per_epoch or len(loader))
+        model = build_model(cfg)
+        if t.freeze_bn:
+            freeze_batchnorm(model)
+        model.to(runtime.device, memory_format=torch.channels_last if runtime.channels_last else torch.preserve_format)
+        optimizers = build_optimizers(model, cfg, max_iterations=t.epochs * steps)
+        run = RunState()
+        if resume and (out_dir / checkpoint.CHECKPOINT).is_file():
+            run = _restore(out_dir / checkpoint.CHECKPOINT, cfg, model, optimizers, generator)
+        commit = _write_config(cfg, out_dir)
+
+        with CRFPool(cfg.pseudo_labels) as pool, _tracking(cfg, track) as tracker:
+            tracker.log_params(cfg.to_dict())
+            for row in run.history:
+                tracker.log_metrics(_numeric(row), step=int(row["epoch"]))
+            pool.warm_up()
+            examples: list[dict] = []
+            for epoch in range(run.epoch, t.epochs):
+                train_set.set_epoch(epoch)
+                row = _train_epoch(model, optimizers, loader, steps, cfg, runtime, pool, epoch, run, out_dir)
+                if (epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs:
+                    val, examples = validate(model, val_set, cfg, runtime, pool)
+                    row |= val
+                    if val["val_score"] > run.best_score:
+                        run.best_score, run.best_epoch = val["val_score"], epoch + 1
+                        checkpoint.save(out_dir / checkpoint.BEST, {
+                            "model": model.state_dict(), "config": cfg.to_dict(), "epoch": epoch + 1,
+                            "val_score": val["val_score"], "git_commit": commit,
+                        })
+                run.history.append(row)
+                run.epoch = epoch + 1
+                checkpoint.save(out_dir / checkpoint.CHECKPOINT, {
+                    "model": model.state_dict(), **optimizers.state_dict(), "rng": checkpoint.rng_state(generator),
+                    "run": asdict(run), "config": cfg.to_dict(), "git_commit": commit,
+                })
+                metrics = _write_metrics(run, out_dir)
+                tracker.log_metrics(_numeric(row), step=epoch + 1)
+                print(_summary(row, run, t.epochs), flush=True)
+            metrics = _write_metrics(run, out_dir)
+            _log_outputs(tracker, model, out_dir, examples, cfg)
+    return metrics
+
+
+# --- one epoch -------------------------------------------------------------------------------------
+
+
+def _train_epoch(model, optimizers: Optimizers, loader: DataLoader, steps: int, cfg: Config, runtime: Runtime,
+                 pool: CRFPool, epoch: int, run: RunState, out_dir: Path) -> dict[str, float]:
+    """Train one epoch; the row of per-epoch means (losses, pseudo-label diagnostic, timing)."""
+    from tqdm import tqdm
+
+    sums: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    seconds: dict[str, float] = defaultdict(float)
+    diag = np.zeros(3, dtype=np.int64)
+    kept = labelled = 0
+    train_detector = epoch >= cfg.train.detector_warmup_epochs
+    progress = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, disable=None)
+    t_data = time.perf_counter()
+    for i, raw in enumerate(loader):
+        if i >= steps:
+            break
+        batch = Batch.from_loader(raw, runtime)
+        seconds["data_s"] += time.perf_counter() - t_data
+        try:
+            result = train_step(model, optimizers, batch, cfg, runtime, pool, train_detector)
+        except TrainingError as exc:
+            raise TrainingError(
+                f"epoch {epoch + 1}, step {i + 1}: {exc}; stopped, the last good checkpoint "
+                f"(epoch {run.epoch}) is kept in {out_dir}"
+            ) from exc
+        for key, value in result.losses.items():
+            sums[key] += value
+            counts[key] += 1
+        for key, value in result.seconds.items():
+            seconds[f"{key}_s"] += value
+        if result.pseudo_labels:
+            crack = batch.crack.cpu()
+            has_mask = batch.has_mask[crack].tolist()
+            masks = batch.mask[crack.to(batch.mask.device)][:, 0].cpu().numpy()
+            diag += confusion([p for p, m in zip(result.pseudo_labels, has_mask) if m], masks[has_mask])
+            kept += sum(result.kept)
+            labelled += len(result.kept)
+        progress.set_postfix({k.split("_")[0]: f"{sums[k] / counts[k]:.3f}" for k in ("rec_total", "cls_total", "det_total")
+                              if counts[k]})
+        progress.update()
+        t_data = time.perf_counter()
+    progress.close()
+
+    n = max(steps, 1)
+    run.step += steps
+    run.timed_steps += steps
+    for key, value in seconds.items():
+        run.seconds[key] = run.seconds.get(key, 0.0) + value
+    row = {"epoch": epoch + 1, "lr": optimizers.classifier.param_groups[0]["lr"]}
+    row |= {key: sums[key] / counts[key] for key in sorted(sums)}
+    row |= {"pseudo_label_iou": iou_of(diag), "pseudo_label_kept": kept / labelled if labelled else math.nan}
+    return row | _timing({k: seconds.get(k, 0.0) / n for k in ("step_s", *TIMING_KEYS)})
+
+
+def _timing(per_step: dict[str, float]) -> dict[str, float]:
+    step = per_step.get("step_s", 0.0)
+    out = {"s_per_iter": step, **{k: v for k, v in per_step.items() if k != "step_s"}}
+    out["crf_wait_share"] = per_step.get("crf_wait_s", 0.0) / step if step else math.nan
+    return out
+
+
+# --- validation ------------------------------------------------------------------------------------
+
+
+def validate(model, val_set, cfg: Config, runtime: Runtime, pool: CRFPool) -> tuple[dict[str, float], list[dict]]:
+    """Model-selection score on the val split from image-level labels only.
+
+    ``val_score`` is the mean of three numbers in [0, 1], each guarding against a different failure:
+    - ``val_agreement_iou``: crack IoU between the detector's mask (p > 0.5) and the CRF pseudo label
+      of the classifier's CAM, summed over val crack images. The detector is trained to reproduce
+      these labels, so this measures how well it has learnt them on unseen images.
+    - ``val_cls_accuracy``: balanced image-level accuracy of the classifier (crack when
+      sigmoid(q_crack) > 0.5, the patch-gating rule); a classifier that lost the task has useless CAMs.
+    - ``val_det_clean``: share of val no-crack images on which the detector marks fewer than
+      ``pseudo_labels.min_pixels`` pixels; agreement alone rewards a detector that paints everything.
+    Terms without images (e.g. no no-crack val rows) are left out of the mean. The pixel masks of
+    the val rows give ``val_diag_det_iou`` and ``val_diag_pseudo_iou``: monitoring only, never used
+    for selection. The test split is never read here. Also returns a few crack examples for a figure.
+    """
+    loader = DataLoader(val_set, batch_size=1, shuffle=False)
+    model.eval()
+    uses_rec = model.uses_rec
+    right = np.zeros(2)
+    seen = np.zeros(2)
+    clean = 0
+    rgbs, cams, preds, masks, has_masks = [], [], [], [], []
+    with torch.inference_mode(), runtime.autocast():
+        for raw in loader:
+            batch = Batch.from_loader(raw, runtime)
+            x, label = batch.image, int(batch.label[0])
+            cls_out = model.classifier(x)
+            rec_mid = model.reconstructor.encoder.backbone.forward_mid(x) if uses_rec else None
+            pred = (torch.sigmoid(model.detect(cls_out.mid, rec_mid, batch.size).float()) > 0.5)[0, 0].cpu().numpy()
+            seen[label] += 1
+            right[label] += int((cls_out.logits[0, 1].float() > 0).item()) == label
+            if label == 1:
+                rgbs.append(batch.rgb[0].numpy())
+                cams.append(crack_cam(cls_out.cam, batch.label, size=batch.size)[0, 0].float().cpu().numpy())
+                preds.append(pred)
+                masks.append(batch.mask[0, 0].cpu().numpy())
+                has_masks.append(bool(batch.has_mask[0]))
+            else:
+                clean += int(np.count_nonzero(pred) < cfg.pseudo_labels.min_pixels)
+    pseudo = pool.submit(rgbs, cams).result()
+    terms = {"val_agreement_iou": _zero_if_nan(iou_of(confusion(preds, pseudo)))} if rgbs else {}
+    terms["val_cls_accuracy"] = float(np.mean(right[seen > 0] / seen[seen > 0]))
+    if seen[0]:
+        terms["val_det_clean"] = clean / seen[0]
+    with_mask = [i for i, m in enumerate(has_masks) if m]
+    diag = {
+        "val_diag_det_iou": iou_of(confusion([preds[i] for i in with_mask], [masks[i] for i in with_mask])),
+        "val_diag_pseudo_iou": iou_of(confusion([pseudo[i] for i in with_mask], [masks[i] for i in with_mask])),
+    }
+    examples = [
+        {"rgb": rgbs[i], "cam": cams[i], "pseudo": pseudo[i], "pred": preds[i]}
+        for i in range(min(len(rgbs), cfg.evaluate.figure_images))
+    ]
+    return {"val_score": float(np.mean(list(terms.values()))), **terms, **diag}, examples
+
+
+def _zero_if_nan(value: float) -> float:
+    return 0.0 if math.isnan(value) else value
+
+
+# --- state, determinism, files ----------------------------------------------------------------------
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _seed_worker(worker_id: int) -> None:
+    """DataLoader workers: python and numpy seeded from the worker's torch seed (set by the loader)."""
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+@contextlib.contextmanager
+def _deterministic(runtime: Runtime) -> Iterator[None]:
+    """Deterministic kernels on the CPU (where resume is bitwise exact); cuDNN autotuning on a GPU.
+    The caller's settings are restored afterwards."""
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.backends.cudnn.benchmark)
+    if runtime.device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.benchmark = previous[2]
+
+
+def _restore(path: Path, cfg: Config, model, optimizers: Optimizers, generator: torch.Generator) -> RunState:
+    """Load ``checkpoint.pt`` into the model, optimisers and random generators."""
+    from wpcrack.tracking import flatten
+
+    state = checkpoint.load(path)
+    saved, current = flatten(state["config"]), flatten(cfg.to_dict())
+    changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+    if changed:
+        raise TrainingError(
+            f"{path}: trained with another configuration (differs in {', '.join(changed[:8])}); "
+            "train without --resume to start over"
+        )
+    model.load_state_dict(state["model"])
+    optimizers.load_state_dict(state)
+    checkpoint.set_rng_state(state["rng"], generator)
+    return RunState(**state["run"])
+
+
+def _write_config(cfg: Config, out_dir: Path) -> str:
+    """config.yaml: the resolved configuration, with the git commit as a comment (stays loadable)."""
+    from wpcrack.tracking import git_commit
+
+    commit = git_commit()
+    with atomic_path(out_dir / "config.yaml") as tmp:
+        tmp.write_text(f"# git commit: {commit}\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return commit
+
+
+def _numeric(row: dict[str, float]) -> dict[str, float]:
+    return {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+def _json_safe(row: dict[str, float]) -> dict[str, float | None]:
+    """NaN (no data) as null: strict JSON readers (DVC) reject NaN."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+
+
+def _write_metrics(run: RunState, out_dir: Path) -> dict[str, Any]:
+    """train_metrics.json and history.csv from the run so far."""
+    final = run.history[-1] if run.history else {}
+    best = next((r for r in run.history if r["epoch"] == run.best_epoch), {})
+    n = max(run.timed_steps, 1)
+    timing = _timing({"step_s": run.seconds.get("step_s", 0.0) / n,
+                      **{k: run.seconds.get(k, 0.0) / n for k in TIMING_KEYS}})
+    metrics = {
+        "epochs": run.epoch,
+        "steps": run.step,
+        "best_epoch": run.best_epoch,
+        "val_score": _json_safe({"v": run.best_score})["v"],
+        "pseudo_label_iou": _json_safe({"v": final.get("pseudo_label_iou", math.nan)})["v"],
+        "timing": _json_safe(timing),
+        "final": _json_safe(final),
+        "best": _json_safe({k: v for k, v in best.items() if k.startswith("val_") or k == "epoch"}),
+    }
+    write_json(out_dir / "train_metrics.json", metrics)
+    columns = list(dict.fromkeys(k for row in run.history for k in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
+    writer.writeheader()
+    writer.writerows(run.history)
+    with atomic_path(out_dir / "history.csv") as tmp:
+        tmp.write_text(buffer.getvalue())
+    return metrics
+
+
+def _summary(row: dict[str, float], run: RunState, epochs: int) -> str:
+    losses = " ".join(f"{k.split('_')[0]} {row[k]:.3f}" for k in ("rec_total", "cls_total", "det_total") if k in row)
+    val = f" | val {row['val_score']:.3f}{' (best)' if run.best_epoch == row['epoch'] else ''}" if "val_score" in row else ""
+    return (f"epoch {row['epoch']}/{epochs}: {losses} | pseudo-label IoU {row['pseudo_label_iou']:.3f}{val} | "
+            f"{row['s_per_iter']:.2f} s/it, CRF wait {100 * _zero_if_nan(row['crf_wait_share']):.0f}%")
+
+
+# --- tracking ---------------------------------------------------------------------------------------
+
+
+class _NoTracker:
+    """Stands in for ``wpcrack.tracking.Tracker`` when tracking is off."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def _tracking(cfg: Config, track: bool) -> Iterator[Any]:
+    """The MLflow run of this training (stage ``train@<dataset>[-<variant>]``), or a no-op."""
+    if not track:
+        yield _NoTracker()
+        return
+    from wpcrack.tracking import start_run
+
+    key = cfg.dataset if cfg.variant == "full" else f"{cfg.dataset}-{cfg.variant}"
+    with start_run(cfg, stage=f"train@{key}") as tracker:
+        yield tracker
+
+
+def _log_outputs(tracker, model, out_dir: Path, examples: list[dict], cfg: Config) -> None:
+    """Best checkpoint, run files, a CAM / pseudo-label figure and the registered detector."""
+    if isinstance(tracker, _NoTracker):
+        return
+    import tempfile
+
+    from wpcrack.io import write_image
+
+    for name in ("train_metrics.json", "history.csv", "config.yaml"):
+        tracker.log_artifact(out_dir / name)
+    tracker.log_artifact(out_dir / checkpoint.BEST, artifact_path="checkpoints")
+    best = checkpoint.load(out_dir / checkpoint.BEST)
+    model.load_state_dict(best["model"])
+    if examples:
+        with tempfile.TemporaryDirectory(prefix="wpcrack-figure-") as tmp:
+            write_image(Path(tmp) / "train_cam_pseudo_label.png", _figure(examples))
+            tracker.log_artifact(Path(tmp) / "train_cam_pseudo_label.png", artifact_path="figures")
+        tracker.log_detector(model.slim(), examples[0]["rgb"])
+
+
+def _figure(examples: list[dict]) -> np.ndarray:
+    """Rows of (image, CAM heat map over it, CRF pseudo label, detector mask) of val crack images."""
+    import cv2
+
+    rows = []
+    for ex in examples:
+        heat = cv2.applyColorMap((ex["cam"] * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
+        overlay = (0.5 * ex["rgb"] + 0.5 * heat).astype(np.uint8)
+        masks = [np.repeat((m > 0).astype(np.uint8)[..., None] * 255, 3, axis=2) for m in (ex["pseudo"], ex["pred"])]
+        rows.append(np.concatenate([ex["rgb"], overlay, *masks], axis=1))
+    width = max(r.shape[1] for r in rows)
+    return np.concatenate([np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0))) for r in rows], axis=0)
