@@ -15,15 +15,21 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 GPU_LIMIT_ENV = "WPCRACK_GPU_LIMIT"
 TRANSIENT_ERRORS = (
@@ -113,3 +119,76 @@ def dvc_repro(targets: Sequence[str], cwd: str = ".", gpu: bool = False, force: 
 def dvc_commit(dvc_file: str, cwd: str = ".") -> str:
     """Hash the outputs of a ``.dvc`` file into the DVC cache and record the new hash in it."""
     return run_dvc(["commit", "--force", dvc_file], cwd)
+
+
+def run_key(root: str | Path, dataset: str, variant: str) -> str:
+    """The DVC stage key of (dataset, variant) from ``runs:`` in params.yaml."""
+    from wpcrack.config import ConfigError, list_runs
+
+    for key, run in list_runs(Path(root) / "params.yaml").items():
+        if run == {"dataset": dataset, "variant": variant}:
+            return key
+    raise ConfigError(f"params.yaml runs: has no entry for dataset {dataset!r}, variant {variant!r}")
+
+
+def _metric(path: Path, mode: str = "detector", metric: str = "iou") -> float:
+    from wpcrack.errors import DataError
+
+    if not path.is_file():
+        raise DataError(path, "no evaluation metrics (did evaluate run?)")
+    return float(json.loads(path.read_text())[mode][metric])
+
+
+@task(name="promote-challenger", cache_policy=NO_CACHE)
+def promote_challenger(
+    root: str,
+    dataset: str,
+    variant: str = "full",
+    since_ms: int | None = None,
+    stage: str | None = None,
+    promote: bool = True,
+    tags: dict[str, Any] | None = None,
+    report: pd.DataFrame | None = None,
+) -> dict[str, Any]:
+    """Compare the newest registered version (registered after ``since_ms``, if given) with the
+    champion on test IoU (``results/<dataset>/<variant>/metrics.json``); move ``champion`` only if
+    it is not worse; record the decision, both scores and ``report`` in an MLflow run."""
+    from wpcrack import tracking
+    from wpcrack.config import load_config
+
+    cfg = load_config(Path(root) / "params.yaml", dataset=dataset, variant=variant)
+    name = tracking.model_name(cfg.tracking.model_name_prefix, dataset)
+    champion = tracking.champion_version(name)
+    challenger = tracking.latest_version(name, variant)
+    decision: dict[str, Any] = {
+        "model": name, "champion_version": int(champion.version) if champion else None,
+        "challenger_version": None, "champion_iou": None, "challenger_iou": None, "promoted": False,
+    }
+    if challenger is None or (since_ms is not None and challenger.creation_timestamp < since_ms):
+        decision["decision"] = "no_new_model"
+        print(f"{name}: no new model version (training up to date, or tracking.log_models is off)")
+    else:
+        iou = _metric(Path(root) / cfg.paths.results / dataset / variant / "metrics.json")
+        if promote:
+            result = tracking.set_champion_if_not_worse(name, challenger.version, iou)
+        else:
+            tracking.record_score(name, challenger.version, iou)
+            current = tracking.version_score(name, champion.version) if champion else None
+            result = tracking.Promotion(False, current, iou)
+        same = champion is not None and champion.version == challenger.version
+        decision.update(
+            challenger_version=int(challenger.version), champion_iou=result.champion_iou,
+            challenger_iou=result.challenger_iou, promoted=result.promoted and not same,
+            decision="already_champion" if same else "promoted" if result.promoted else "kept_champion",
+        )
+        print(f"{name}: challenger v{challenger.version} IoU {iou:.3f} vs champion "
+              f"{'none' if result.champion_iou is None else f'{result.champion_iou:.3f}'} -> {decision['decision']}")
+    with tracking.start_run(cfg, stage or f"promote@{dataset}",
+                            tags={k: str(v) for k, v in {**decision, **(tags or {})}.items()}) as run:
+        run.log_metrics({k: decision[k] for k in ("challenger_iou", "champion_iou") if decision[k] is not None})
+        if report is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                report.to_csv(Path(tmp) / "validation_report.csv", index=False)
+                run.log_artifact(Path(tmp) / "validation_report.csv", artifact_path="batch")
+        decision["mlflow_run_id"] = run.run_id
+    return decision

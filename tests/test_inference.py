@@ -124,12 +124,16 @@ def test_load_trained_round_trip_and_clear_errors(tmp_path):
     assert not loaded.training
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+    other = _cfg("synthetic", "model.cam_channels=8")
     with pytest.raises(TrainingError, match="do not fit"):
-        load_trained(tmp_path, _cfg("synthetic", "model.cam_channels=8"))
+        load_trained(tmp_path, other)
+    # The architecture saved with the checkpoint wins over the evaluating configuration.
+    torch.save({"model": model.state_dict(), "config": cfg.to_dict()}, tmp_path / "best.pt")
+    assert load_trained(tmp_path, other).classifier.head.fc8.out_channels == 16
     with pytest.raises(DataError, match="no trained model"):
         load_trained(tmp_path / "missing", cfg)
     (tmp_path / "best.pt").write_bytes(b"garbage")
-    with pytest.raises(DataError, match="cannot be loaded"):
+    with pytest.raises(TrainingError, match="cannot be loaded"):
         load_trained(tmp_path, cfg)
 
 

@@ -2,9 +2,9 @@
 
 The paper's Table 5 reports parameters and FPS at 256x256 on an RTX 3090; this stage measures the
 same quantities for the slim inference model (``model.slim()``: only what prediction needs, plus
-the classifier head on CFD, whose inference is patch-gated) on the
-CPU, and on the GPU when there is one (fp32, bf16 autocast, bf16 + channels_last, and that under
-torch.compile). It records, and does not enforce, the cpu profile's goal.
+the whole classifier on CFD, whose inference is patch-gated) on the CPU, and on the GPU when there
+is one (fp32, bf16 autocast, bf16 + channels_last, and that under torch.compile). It records, and
+does not enforce, the cpu profile's goal.
 """
 
 from __future__ import annotations
@@ -38,12 +38,14 @@ def _infer(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 class PeakRSS:
     """Peak resident memory of this process during a block, minus the resident memory before it.
 
-    On Linux the kernel's high-water mark (VmHWM) is reset through /proc/self/clear_refs, which
-    measures each block on its own; elsewhere ``ru_maxrss`` only grows, so the delta is a lower bound.
+    On Linux the kernel's high-water mark (VmHWM) is reset through /proc/self/clear_refs, so each
+    block is measured on its own; elsewhere ``ru_maxrss`` only grows, so the delta is a lower bound.
+    Memory the allocator kept from an earlier block is not counted again.
     """
 
     def __init__(self):
-        self.method = "VmHWM reset" if self._reset() else "ru_maxrss delta (lower bound)"
+        self.resettable = self._reset()
+        self.method = "VmHWM reset" if self.resettable else "ru_maxrss delta (lower bound)"
 
     @staticmethod
     def _reset() -> bool:
@@ -54,22 +56,25 @@ class PeakRSS:
             return False
 
     @staticmethod
-    def _status_kb(key: str) -> int | None:
-        try:
-            match = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-        except OSError:
-            return None
-        return int(match.group(1)) if match else None
+    def _status_kb(key: str) -> int:
+        match = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+        if match is None:
+            raise OSError(f"/proc/self/status has no {key}")
+        return int(match.group(1))
+
+    def _now_kb(self) -> int:
+        return self._status_kb("VmRSS") if self.resettable else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def _peak_kb(self) -> int:
+        return self._status_kb("VmHWM") if self.resettable else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     def __enter__(self) -> PeakRSS:
-        self._reset()
-        self.before_kb = self._status_kb("VmRSS") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        self.resettable = self.resettable and self._reset()
+        self.before_kb = self._now_kb()
         return self
 
     def __exit__(self, *exc) -> None:
-        peak = self._status_kb("VmHWM") if self.method == "VmHWM reset" else None
-        peak = peak or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        self.delta_mb = max(peak - self.before_kb, 0) / 1024.0
+        self.delta_mb = max(self._peak_kb() - self.before_kb, 0) / 1024.0
 
 
 def _prepare(model: torch.nn.Module, device: str, mode: str) -> tuple[Callable, Callable]:
@@ -92,7 +97,9 @@ def _prepare(model: torch.nn.Module, device: str, mode: str) -> tuple[Callable, 
     return make, run
 
 
-def measure(model: torch.nn.Module, device: str, mode: str, batch: int, size: int, warmup: int, iterations: int) -> dict:
+def measure(
+    model: torch.nn.Module, device: str, mode: str, batch: int, size: int, warmup: int, iterations: int
+) -> dict:
     """Latency (per batch and per image), throughput and peak memory of one configuration."""
     make, run = _prepare(model, device, mode)
     x = make(batch, size)
@@ -189,7 +196,8 @@ def benchmark(cfg: Config, model_dir: Path, out_dir: Path, model: torch.nn.Modul
             except Exception as exc:  # compile or bf16 may be unsupported; record, measure the rest
                 if device == "cpu" and mode == "fp32":
                     raise
-                runs[key] = {"device": device, "mode": mode, "batch_size": batch, "error": f"{exc.__class__.__name__}: {exc}"[:300]}
+                error = f"{exc.__class__.__name__}: {exc}"[:300]
+                runs[key] = {"device": device, "mode": mode, "batch_size": batch, "error": error}
 
     cpu_b1 = runs.get("cpu_fp32_b1", {}).get("ms_per_image")
     applicable = cfg.profile == "cpu" and bc.size == CPU_GOAL_SIZE and cpu_b1 is not None
@@ -245,7 +253,8 @@ def to_markdown(result: dict) -> str:
     ]
     for run in result["runs"].values():
         if "error" in run:
-            lines.append(f"| {run['device']} | {run['mode']} | {run['batch_size']} | failed: {run['error'][:80]} | | | |")
+            failed = "failed: " + run["error"][:80].replace("|", "/")
+            lines.append(f"| {run['device']} | {run['mode']} | {run['batch_size']} | {failed} | | | |")
             continue
         lines.append(
             f"| {run['device']} | {run['mode']} | {run['batch_size']} | {run['latency_ms_median']:.1f} | "

@@ -32,32 +32,32 @@ from wpcrack.errors import DataError, TrainingError
 
 
 def load_trained(model_dir: Path, cfg: Config, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """WPCrackNet from ``model_dir/best.pt`` (a dict whose ``"model"`` is the state dict), in eval mode.
+    """WPCrackNet from ``model_dir/best.pt`` in eval mode.
 
-    The architecture comes from ``cfg``; a checkpoint that does not fit it (another variant or
-    profile) is reported as such instead of as a wall of missing keys.
+    The architecture is the one the checkpoint was trained with (its ``config`` entry), else the
+    one ``cfg`` describes; weights that do not fit are reported as such, not as a wall of keys.
     """
+    from wpcrack.config import ModelConfig
     from wpcrack.models.wpcracknet import build_model
+    from wpcrack.train.checkpoint import BEST, load
 
-    # The checkpoint replaces every weight: skip loading ImageNet weights into the backbones.
-    arch = dataclasses.replace(cfg.model, pretrained=False, weights_path=None)
-    path = Path(model_dir) / "best.pt"
+    path = Path(model_dir) / BEST
     if not path.is_file():
         raise DataError(path, "no trained model here (run `wpcrack train` for this dataset and variant first)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt or foreign files
-        raise DataError(path, f"cannot be loaded as a checkpoint ({exc.__class__.__name__}: {exc})") from exc
+    ckpt = load(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise DataError(path, "not a wpcrack checkpoint (expected a dict with a 'model' state dict)")
-    model = build_model(arch)
+    saved = (ckpt.get("config") or {}).get("model")
+    arch = ModelConfig(**saved) if saved else cfg.model
+    # The checkpoint replaces every weight: do not load ImageNet weights into the backbones first.
+    model = build_model(dataclasses.replace(arch, pretrained=False, weights_path=None))
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
         raise TrainingError(
             f"{path}: weights do not fit the model built from the configuration "
-            f"(profile {cfg.profile}, variant {cfg.variant}, backbone {cfg.model.backbone}): {first}"
+            f"(profile {cfg.profile}, variant {cfg.variant}, backbone {arch.backbone}): {first}"
         ) from exc
     return model.to(device).eval()
 
@@ -222,9 +222,9 @@ def predict_patch_gated(model: torch.nn.Module, rgb: np.ndarray, cfg: Config) ->
 
 
 class EvalViews(NamedTuple):
-    """One test image as the three evaluation modes see it (all at the evaluation resolution)."""
+    """One test image as the three evaluation modes see it (all at the scoring resolution)."""
 
-    rgb: np.ndarray       # uint8 HxWx3, the image the model saw
+    rgb: np.ndarray       # uint8 HxWx3, the test image at the scoring resolution
     prob: np.ndarray      # detector probabilities, float32 HxW
     cam: np.ndarray       # normalised crack CAM, float32 HxW
     pseudo: np.ndarray    # denseCRF of the CAM, uint8 {0,1} HxW
@@ -248,7 +248,9 @@ def _refine(rgb: np.ndarray, cam: np.ndarray, cfg: Config) -> np.ndarray:
     return refine(rgb, cam, cfg.pseudo_labels)
 
 
-def _views(model: torch.nn.Module, rgbs: list[np.ndarray], cfg: Config, labels: list[int] | None = None) -> dict[str, list[np.ndarray]]:
+def _views(
+    model: torch.nn.Module, rgbs: list[np.ndarray], cfg: Config, labels: list[int] | None = None
+) -> dict[str, list[np.ndarray]]:
     """Detector probabilities, CAMs and CRF pseudo labels (as floats) of images at the model's scale."""
     cams = list(crack_cams(model, rgbs, labels))
     return {

@@ -79,14 +79,14 @@ def resize_gt(gt_bin: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def resize_probability(pred: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Probability map to (H, W), bilinear on values in [0,1] (float32 out)."""
+    """Probability map to (H, W), bilinear on values in [0,1]; unchanged (exact) when it fits."""
     import cv2
 
     h, w = size
-    prob = as_probability(pred).astype(np.float32)
+    prob = as_probability(pred)
     if prob.shape == (h, w):
         return prob
-    return cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR)
+    return cv2.resize(prob.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR).astype(np.float64)
 
 
 def align(pred: np.ndarray, gt_bin: np.ndarray, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:

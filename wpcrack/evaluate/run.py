@@ -57,14 +57,15 @@ def quantize(prob: np.ndarray) -> np.ndarray:
 
 
 def protocol(cfg: Config) -> dict:
-    size = score_size(cfg)
+    """How the numbers were made, written beside them."""
+    size, seen = score_size(cfg), inference_size(cfg)
     return {
         "dataset": cfg.dataset,
         "variant": cfg.variant,
         "profile": cfg.profile,
         "threshold": cfg.evaluate.threshold,
         "eval_size": f"{size}x{size} (ground truth nearest-neighbour)" if size else "native",
-        "inference_size": f"{inference_size(cfg)}x{inference_size(cfg)} (the training rows' scale)" if inference_size(cfg) else "native",
+        "inference_size": f"{seen}x{seen} (the training rows' scale)" if seen else "native",
         "reduction": "dataset: TP/FP/FN/TN summed over all pixels of the test set",
         "inference": (
             f"patch-gated {cfg.prepare.cfd.grid}x{cfg.prepare.cfd.grid} grid" if cfg.dataset == "cfd"

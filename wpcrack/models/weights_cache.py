@@ -19,7 +19,7 @@ from wpcrack.errors import WpcrackError
 from wpcrack.io import atomic_path
 
 # torchvision's file names end in the first hex digits of the file's sha256 (torch.hub.HASH_REGEX).
-_HASH_PREFIX = re.compile(r"-([a-f0-9]+)\.")
+_HASH_PREFIX = re.compile(r"-([a-f0-9]{8,})\.")
 
 
 def _sha256(path: Path) -> str:
@@ -42,6 +42,8 @@ def cache_weights(files: list[str | Path], dest: Path | None = None) -> list[Pat
     A file whose name carries a hash prefix must match it: torch.hub checks that prefix only when it
     downloads, so a corrupt copy would otherwise load silently.
     """
+    if not files:
+        return []
     dest = cache_dir() if dest is None else dest
     cached = []
     for item in map(Path, files):

@@ -142,7 +142,10 @@ def _check_finite(phase: str, total: Tensor, parts: dict[str, float]) -> None:
 
 
 def _step(optimizers: Iterable[torch.optim.Optimizer], phase: str, total: Tensor, parts: dict[str, float]) -> None:
-    """Backpropagate ``total`` and step ``optimizers``; a NaN/inf loss stops before any update."""
+    """Backpropagate ``total`` and step ``optimizers``; a NaN/inf loss stops before any update.
+
+    Gradients are dropped after the update: the next phase starts clean and no memory is held.
+    """
     optimizers = list(optimizers)
     _check_finite(phase, total, parts)
     for opt in optimizers:
@@ -150,6 +153,7 @@ def _step(optimizers: Iterable[torch.optim.Optimizer], phase: str, total: Tensor
     total.backward()
     for opt in optimizers:
         opt.step()
+        opt.zero_grad(set_to_none=True)
 
 
 def _reconstruct(model: nn.Module, z: Tensor, m_c: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,198 @@
+"""``wpcrack predict``: crack statistics of known shapes, gated tiling, and the command end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from wpcrack.cli import main
+from wpcrack.config import dump_config, load_config
+from wpcrack.data.datasets import normalize
+from wpcrack.errors import DataError
+from wpcrack.io import read_mask, write_image
+from wpcrack.models.wpcracknet import build_model
+from wpcrack.predict import crack_stats, load_resolved_config, predict, probability_map, skeletonize
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+TINY = ["model.backbone=mobilenet_v2", "model.pretrained=false", "model.cam_channels=16", "model.paam_channels=16",
+        "model.paam_reduction=4", "model.detector_channels=8", "model.decoder_channels=8"]
+
+
+def _cfg(*overrides: str):
+    return load_config(PARAMS, dataset="synthetic", overrides=[*TINY, *overrides])
+
+
+def _line(shape: tuple[int, int], p0: tuple[int, int], p1: tuple[int, int], width: int) -> np.ndarray:
+    mask = np.zeros(shape, np.uint8)
+    cv2.line(mask, p0, p1, 1, thickness=width)
+    return mask
+
+
+# --- statistics ---------------------------------------------------------------------------------
+
+
+def test_straight_crack_of_known_length_and_width():
+    mask = np.zeros((60, 300), np.uint8)
+    mask[27:33, 50:250] = 1  # 200 x 6 px
+    stats = crack_stats(mask, mm_per_pixel=0.5)
+    assert stats["length_px"] == pytest.approx(200, rel=0.1)
+    assert stats["max_width_px"] == pytest.approx(6, rel=0.1)
+    assert stats["mean_width_px"] == pytest.approx(6, rel=0.1)
+    assert stats["crack_pixels"] == 1200 and stats["crack_share"] == pytest.approx(1200 / mask.size)
+    assert stats["length_mm"] == pytest.approx(stats["length_px"] * 0.5)
+    assert stats["max_width_mm"] == pytest.approx(stats["max_width_px"] * 0.5)
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 5])
+def test_axis_aligned_width_is_exact_for_odd_and_even_widths(width):
+    mask = np.zeros((40, 200), np.uint8)
+    mask[20:20 + width, 20:180] = 1
+    assert crack_stats(mask)["mean_width_px"] == pytest.approx(width, abs=0.05)
+
+
+@pytest.mark.parametrize("angle", [10, 30, 45, 70])
+def test_oblique_crack_length_does_not_inflate(angle):
+    a = np.deg2rad(angle)
+    p0 = (200 - round(100 * np.cos(a)), 200 - round(100 * np.sin(a)))
+    p1 = (200 + round(100 * np.cos(a)), 200 + round(100 * np.sin(a)))
+    true = float(np.hypot(p1[0] - p0[0], p1[1] - p0[1]))
+    assert crack_stats(_line((400, 400), p0, p1, 3))["length_px"] == pytest.approx(true, rel=0.05)
+
+
+def test_ring_and_branches_are_measured_once():
+    ring = np.zeros((300, 300), np.uint8)
+    cv2.circle(ring, (150, 150), 100, 1, thickness=4)
+    assert crack_stats(ring)["length_px"] == pytest.approx(2 * np.pi * 100, rel=0.03)
+    tree = _line((300, 300), (20, 150), (280, 150), 3) | _line((300, 300), (150, 150), (150, 20), 3)
+    assert crack_stats(tree)["length_px"] == pytest.approx(260 + 130, rel=0.05)
+
+
+def test_skeleton_is_thin_and_connected():
+    mask = _line((200, 200), (20, 30), (180, 170), 7) | _line((200, 200), (20, 170), (100, 100), 5)
+    skeleton = skeletonize(mask)
+    assert skeleton.sum() > 0 and not (skeleton & ~mask.astype(bool)).any()
+    assert cv2.connectedComponents(skeleton.astype(np.uint8), connectivity=8)[0] - 1 == 1
+    assert not (skeleton[:-1, :-1] & skeleton[1:, :-1] & skeleton[:-1, 1:] & skeleton[1:, 1:]).any()
+
+
+def test_empty_mask_has_zero_statistics():
+    stats = crack_stats(np.zeros((32, 32), np.uint8))
+    assert stats["length_px"] == 0 and stats["max_width_px"] == 0 and stats["length_mm"] is None
+
+
+# --- tiled, gated inference -------------------------------------------------------------------------
+
+
+class DarkPixels(nn.Module):
+    """Pointwise stand-in with the SlimDetector API: crack = dark pixel; crack-free = no dark pixel."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return (x[:, :1] < -1.0).float() * self.scale
+
+    def classify(self, x):
+        return (x[:, 0] < -1.0).flatten(1).any(dim=1).float()
+
+
+@pytest.fixture(scope="module")
+def slim():
+    torch.manual_seed(0)
+    return build_model(_cfg()).slim().eval()
+
+
+def _survey_photo(h: int, w: int) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(110, 160, size=(h, w, 3), dtype=np.uint8)
+    cv2.line(rgb, (5, 10), (w // 3, h // 2), (20, 20, 20), 3)
+    return rgb
+
+
+def test_tiled_result_matches_each_tile_predicted_alone(slim):
+    cfg = _cfg("evaluate.tile_size=64", "evaluate.tile_overlap=0")
+    rgb = _survey_photo(128, 192)
+    prob, tiles, skipped = probability_map(slim, rgb, cfg, gate=0)
+    assert prob.shape == (128, 192) and (tiles, skipped) == (6, 0)
+    with torch.inference_mode():
+        for y in (0, 64):
+            for x in (0, 64, 128):
+                alone = slim(normalize(rgb[None, y:y + 64, x:x + 64]))[0, 0].numpy()
+                np.testing.assert_allclose(prob[y:y + 64, x:x + 64], alone, atol=1e-5)
+
+
+def test_classifier_skips_crack_free_tiles_and_overlap_blending_is_exact():
+    cfg = _cfg("evaluate.tile_size=64", "evaluate.tile_overlap=16")
+    rgb = np.full((150, 260, 3), 128, np.uint8)
+    rgb[100:104, 180:250] = 10  # one short crack in the lower right
+    prob, tiles, skipped = probability_map(DarkPixels(), rgb, cfg)
+    np.testing.assert_allclose(prob, (rgb[..., 0] < 65).astype(np.float32), atol=1e-6)
+    assert tiles == 3 * 6 and 0 < skipped < tiles - 1
+
+
+def test_image_smaller_than_a_tile_is_one_pass(slim):
+    rgb = _survey_photo(48, 40)
+    prob, tiles, _ = probability_map(slim, rgb, _cfg("evaluate.tile_size=64"), gate=0)
+    with torch.inference_mode():
+        np.testing.assert_allclose(prob, slim(normalize(rgb[None]))[0, 0].numpy(), atol=1e-5)
+    assert tiles == 1
+
+
+# --- the command --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, slim):
+    """A trained-model folder as training writes it: best.pt ({"model": state dict}) + config.yaml."""
+    folder = tmp_path_factory.mktemp("model")
+    cfg = _cfg()
+    torch.manual_seed(0)
+    torch.save({"model": build_model(cfg).state_dict()}, folder / "best.pt")
+    dump_config(cfg, folder / "config.yaml")
+    return folder
+
+
+def test_resolved_config_round_trips(model_dir):
+    cfg = load_resolved_config(model_dir / "config.yaml")
+    assert cfg == _cfg()
+
+
+def test_predict_folder_writes_masks_statistics_and_reports_bad_files(model_dir, tmp_path, capsys):
+    images = tmp_path / "photos"
+    images.mkdir()
+    write_image(images / "road_a.png", _survey_photo(96, 300))
+    write_image(images / "road_b.jpg", _survey_photo(64, 64))
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    out = tmp_path / "out"
+    code = main(["predict", str(images), "--model", str(model_dir), "--out", str(out),
+                 "--mm-per-pixel", "0.8", "--params", str(PARAMS), "--dataset", "synthetic"])
+    assert code == 0
+    assert "broken.jpg" in capsys.readouterr().err
+    table = pd.read_csv(out / "predictions.csv")
+    assert len(table) == 3
+    bad = table[table["error"].notna()]
+    assert list(bad["image"].map(lambda p: Path(p).name)) == ["broken.jpg"]
+    good = table[table["error"].isna()]
+    for row in good.itertuples():
+        mask = read_mask(out / row.mask)
+        assert mask.shape == (row.height, row.width)
+        assert row.crack_share == pytest.approx(mask.mean())
+        assert (out / row.overlay).is_file()
+        assert row.length_mm == pytest.approx(row.length_px * 0.8)
+    assert good.set_index("mask").loc["road_a_mask.png", "tiles"] > 1  # wider than a 256 tile: tiled
+    report = json.loads((out / "predictions.json").read_text())
+    assert report["model"] == str(model_dir.resolve()) and len(report["images"]) == 3
+
+
+def test_predict_without_any_image_is_a_clear_error(model_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images"):
+        predict([tmp_path / "empty"], model=str(model_dir), out_dir=tmp_path / "out", params=PARAMS)

@@ -1,0 +1,169 @@
+"""MLflow tracking in a temporary sqlite store: tags, params, metrics, the pyfunc model, the champion."""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from wpcrack import tracking
+from wpcrack.config import load_config
+from wpcrack.models.wpcracknet import build_model
+from wpcrack.serving import decode_image, encode_png
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+TINY = ["model.backbone=mobilenet_v2", "model.pretrained=false", "model.cam_channels=16", "model.paam_channels=16",
+        "model.paam_reduction=4", "model.detector_channels=8", "model.decoder_channels=8",
+        "evaluate.tile_size=64", "evaluate.tile_overlap=8"]
+NAME = "wpcrack-synthetic"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A fresh sqlite tracking store for this module (the environment variable wins over the default)."""
+    folder = tmp_path_factory.mktemp("mlflow")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(tracking.TRACKING_URI_ENV, f"sqlite:///{folder / 'mlflow.db'}")
+        mp.setenv("DVC_STAGE", "train@synthetic")
+        yield folder
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config(PARAMS, dataset="synthetic", overrides=TINY)
+
+
+@pytest.fixture(scope="module")
+def logged(store, cfg):
+    """One training-like run that logs params, metrics, an artifact and the detector."""
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    example = np.full((40, 48, 3), 128, np.uint8)
+    (store / "history.csv").write_text("epoch,loss\n1,0.5\n")
+    with tracking.start_run(cfg, stage="train@synthetic") as tracker:
+        tracker.log_params(cfg.to_dict())
+        for epoch in (1, 2):
+            tracker.log_metrics({"loss/cls": 1.0 / epoch}, step=epoch)
+        tracker.log_artifact(store / "history.csv", artifact_path="curves")
+        version = tracker.log_detector(model.slim(), example)
+    return tracker.run_id, version, model.slim()
+
+
+def test_run_has_tags_params_metrics_and_artifacts(logged, cfg, store):
+    run_id, version, _ = logged
+    run = tracking.client().get_run(run_id)
+    tags = run.data.tags
+    assert tags["dataset"] == "synthetic" and tags["variant"] == "full" and tags["profile"] == cfg.profile
+    assert tags["stage"] == "train@synthetic" and tags["dvc_stage"] == "train@synthetic"
+    assert tags["git_commit"] and tags["registered_model"] == NAME and tags["model_version"] == str(version)
+    assert run.data.params["train.epochs"] == str(cfg.train.epochs)
+    assert run.data.params["model.backbone"] == "mobilenet_v2"
+    history = tracking.client().get_metric_history(run_id, "loss/cls")
+    assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5)]
+    assert [a.path for a in tracking.client().list_artifacts(run_id, "curves")] == ["curves/history.csv"]
+    assert run.info.status == "FINISHED"
+    assert (store / "mlartifacts").is_dir()  # artifacts beside the sqlite database
+
+
+def test_failed_block_marks_the_run_failed(store, cfg):
+    with pytest.raises(RuntimeError), tracking.start_run(cfg, stage="evaluate@synthetic") as tracker:
+        raise RuntimeError("boom")
+    assert tracking.client().get_run(tracker.run_id).info.status == "FAILED"
+
+
+def test_detector_is_a_registered_pyfunc_that_returns_masks(logged):
+    import mlflow
+
+    run_id, version, slim = logged
+    mv = tracking.client().get_model_version(NAME, str(version))
+    assert mv.run_id == run_id and mv.tags["variant"] == "full" and mv.tags["stage"] == "train@synthetic"
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}/{version}")
+    sig = model.metadata.signature
+    assert sig.inputs.input_names() == ["image"] and sig.outputs.input_names() == ["mask", "crack_share"]
+    assert {p.name for p in sig.params} == {"threshold", "gate"}
+    rgb = np.random.default_rng(0).integers(0, 255, (70, 90, 3), dtype=np.uint8)
+    ok, jpeg = cv2.imencode(".jpg", rgb)
+    frame = pd.DataFrame({"image": [encode_png(rgb), base64.b64encode(jpeg.tobytes()).decode()]})
+    out = model.predict(frame, params={"threshold": 0.0, "gate": 0.0})
+    mask = decode_image(out["mask"][0])
+    assert mask.shape[:2] == (70, 90) and list(out["crack_share"]) == [1.0, 1.0]  # threshold 0: all crack
+    out = model.predict(frame, params={"threshold": 1.0})
+    assert list(out["crack_share"]) == [0.0, 0.0]
+
+
+def test_pyfunc_rejects_what_is_not_an_image(logged):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}/{logged[1]}")
+    with pytest.raises(MlflowException, match="row 0"):
+        model.predict(pd.DataFrame({"image": [base64.b64encode(b"hello").decode()]}))
+
+
+def _new_version(logged, variant: str = "full") -> str:
+    """Another registered version of the same logged model (cheap: no new artifacts)."""
+    c = tracking.client()
+    first = c.get_model_version(NAME, str(logged[1]))
+    mv = c.create_model_version(NAME, first.source, run_id=first.run_id,
+                                tags={"dataset": "synthetic", "variant": variant})
+    return mv.version
+
+
+def test_champion_moves_only_to_a_not_worse_model(logged):
+    first = str(logged[1])
+    assert tracking.set_champion_if_not_worse(NAME, first, 40.0) == (True, None, 40.0)
+    worse = _new_version(logged)
+    assert tracking.set_champion_if_not_worse(NAME, worse, 39.5) == (False, 40.0, 39.5)
+    assert tracking.champion_version(NAME).version == first
+    equal = _new_version(logged)
+    assert tracking.set_champion_if_not_worse(NAME, equal, 40.0).promoted
+    assert tracking.champion_version(NAME).version == equal
+    assert tracking.version_score(NAME, worse) == 39.5  # recorded even when not promoted
+
+
+def test_promote_champion_uses_the_evaluate_run_of_a_version(logged, cfg):
+    version = _new_version(logged)
+    with tracking.start_run(cfg, stage="evaluate@synthetic") as tracker:
+        tracker.log_metrics({"detector/iou": 97.5})
+    result = tracking.promote_champion("synthetic", version=version)
+    assert result.promoted and result.challenger_iou == 97.5
+    assert tracking.champion_version(NAME).version == version
+    assert tracking.promote_champion("synthetic").challenger_iou == 97.5  # best evaluated version
+
+
+def test_search_runs_filters_by_tags(logged):
+    runs = tracking.search_runs(dataset="synthetic", stage="train@synthetic")
+    assert logged[0] in set(runs["run_id"])
+    assert tracking.search_runs(dataset="cfd").empty
+    assert tracking.latest_metrics(dataset="synthetic", stage="train@synthetic")["loss/cls"] == 0.5
+
+
+def test_predict_loads_the_champion_from_mlflow(logged, tmp_path):
+    from wpcrack.predict import predict
+
+    tracking.set_champion_if_not_worse(NAME, str(logged[1]), 99.0)
+    image = tmp_path / "img.png"
+    cv2.imwrite(str(image), np.full((50, 60, 3), 90, np.uint8))
+    table = predict([image], model="champion", out_dir=tmp_path / "out", dataset="synthetic", params=PARAMS)
+    assert table["error"].isna().all() and (tmp_path / "out" / "img_mask.png").is_file()
+
+
+def test_default_store_is_sqlite_at_the_repo_root(tmp_path, monkeypatch):
+    monkeypatch.delenv(tracking.TRACKING_URI_ENV, raising=False)
+    (tmp_path / "params.yaml").write_text("{}\n")
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert tracking.git_commit(tmp_path) == "unknown"
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    for cmd in (["git", "init", "-q"], ["git", "add", "params.yaml"], ["git", "commit", "-qm", "x"]):
+        subprocess.run(cmd, cwd=tmp_path, check=True, env=env)
+    assert len(tracking.git_commit(tmp_path)) == 40

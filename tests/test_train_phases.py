@@ -1,0 +1,151 @@
+"""The three training phases: each trains its own network and leaves the others untouched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from wpcrack.config import load_config
+from wpcrack.errors import TrainingError
+from wpcrack.models.wpcracknet import build_model
+from wpcrack.pseudo_labels import CRFPool
+from wpcrack.train import phases
+from wpcrack.train.optim import build_optimizers
+from wpcrack.train.phases import Batch, Runtime, classifier_step, detector_step, reconstructor_step, train_step
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+TINY = ["model.cam_channels=16", "model.paam_channels=8", "model.paam_reduction=4", "model.detector_channels=8",
+        "model.decoder_channels=8", "pseudo_labels.workers=0", "pseudo_labels.iterations=2", "train.lr=0.05"]
+
+
+def _cfg(*overrides: str):
+    return load_config(PARAMS, dataset="synthetic", profile="smoke", overrides=[*TINY, *overrides])
+
+
+def _batch(seed: int = 0, size: int = 32) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    rgb = torch.randint(0, 256, (4, size, size, 3), dtype=torch.uint8, generator=g)
+    mask = torch.zeros(4, 1, size, size)
+    mask[:, :, size // 2 - 1 : size // 2 + 1, 4:-4] = 1.0
+    from wpcrack.data.datasets import normalize
+
+    return Batch(image=normalize(rgb), rgb=rgb, label=torch.tensor([1, 0, 1, 1]), mask=mask,
+                 has_mask=torch.ones(4, dtype=torch.bool))
+
+
+def _snapshot(model) -> dict[str, dict[str, torch.Tensor]]:
+    """Parameters and buffers (BatchNorm statistics) of each network."""
+    parts = {"classifier": model.classifier, "reconstructor": model.reconstructor}
+    out = {name: {k: v.detach().clone() for k, v in m.state_dict().items()} for name, m in parts.items()}
+    out["detector"] = {
+        f"{n}.{k}": v.detach().clone() for n, m in model.named_children() if n not in parts for k, v in m.state_dict().items()
+    }
+    return out
+
+
+def _changed(before, after) -> set[str]:
+    return {name for name in before if any(not torch.equal(before[name][k], after[name][k]) for k in before[name])}
+
+
+@pytest.fixture
+def setup():
+    torch.manual_seed(0)
+    cfg = _cfg("train.detector_target=mask")
+    model = build_model(cfg)
+    return cfg, model, build_optimizers(model, cfg, max_iterations=10), Runtime(torch.device("cpu"))
+
+
+def test_each_phase_updates_only_its_own_network(setup):
+    cfg, model, optimizers, runtime = setup
+    batch = _batch()
+
+    before = _snapshot(model)
+    _, carry = reconstructor_step(model, optimizers, batch, cfg, runtime, pool=None)
+    after = _snapshot(model)
+    assert _changed(before, after) == {"reconstructor"}
+
+    classifier_step(model, optimizers, batch, cfg, runtime, carry)
+    before, after = after, _snapshot(model)
+    assert _changed(before, after) == {"classifier"}
+
+    result = detector_step(model, optimizers, batch, cfg, runtime, carry)
+    before, after = after, _snapshot(model)
+    assert result.losses["det_images"] == 3
+    assert _changed(before, after) == {"detector"}
+    assert all(p.grad is None for p in model.parameters())  # frozen networks never got gradients
+    assert all(p.requires_grad for p in model.parameters())  # freezing is undone after each phase
+
+
+def test_detector_loss_reaches_the_encoders_only_when_configured():
+    torch.manual_seed(0)
+    cfg = _cfg("train.detector_target=mask", "train.detach_detector_features=false")
+    model = build_model(cfg)
+    optimizers = build_optimizers(model, cfg, max_iterations=10)
+    runtime = Runtime(torch.device("cpu"))
+    batch = _batch()
+    _, carry = reconstructor_step(model, optimizers, batch, cfg, runtime, pool=None)
+    classifier_step(model, optimizers, batch, cfg, runtime, carry)
+    before = _snapshot(model)
+    decoder = {k: v.clone() for k, v in model.reconstructor.decoder.state_dict().items()}
+    detector_step(model, optimizers, batch, cfg, runtime, carry)
+    assert _changed(before, _snapshot(model)) == {"classifier", "reconstructor", "detector"}
+    assert all(torch.equal(v, model.reconstructor.decoder.state_dict()[k]) for k, v in decoder.items())
+
+
+def test_classifier_gradients_flow_through_the_frozen_decoder(setup, monkeypatch):
+    cfg, model, optimizers, runtime = setup
+    batch = _batch()
+    _, carry = reconstructor_step(model, optimizers, batch, cfg, runtime, pool=None)
+    seen = {}
+
+    def spy(q, labels, image_c, o_c_hat, o_r_hat, *rest):
+        seen["o_c_hat"] = o_c_hat
+        return real(q, labels, image_c, o_c_hat, o_r_hat, *rest)
+
+    real = phases.classifier_loss
+    monkeypatch.setattr(phases, "classifier_loss", spy)
+    parts = classifier_step(model, optimizers, batch, cfg, runtime, carry)
+    assert seen["o_c_hat"].requires_grad and seen["o_c_hat"].shape[0] == 3
+    assert parts["recon2_c"] < 0 and parts["recon2_r"] < 0
+
+
+def test_without_adversarial_training_the_classifier_has_no_reconstruction_terms():
+    cfg = _cfg("train.adversarial=false", "train.detector_target=mask")
+    model = build_model(cfg)
+    optimizers = build_optimizers(model, cfg, max_iterations=10)
+    runtime = Runtime(torch.device("cpu"))
+    result = train_step(model, optimizers, _batch(), cfg, runtime, pool=None)
+    assert result.losses["cls_recon2_c"] == 0 and result.losses["cls_recon2_r"] == 0
+    assert result.losses["cls_cec"] > 0  # CECCM stays on
+    assert "rec_recon1_c" in result.losses  # the reconstructor still trains (Rec.E feeds the detector)
+
+
+def test_pseudo_labels_come_from_the_crf_pool_and_empty_ones_are_skipped():
+    cfg = _cfg("pseudo_labels.min_pixels=0")
+    model = build_model(cfg)
+    optimizers = build_optimizers(model, cfg, max_iterations=10)
+    runtime = Runtime(torch.device("cpu"))
+    with CRFPool(cfg.pseudo_labels) as pool:
+        result = train_step(model, optimizers, _batch(), cfg, runtime, pool)
+        assert len(result.pseudo_labels) == 3 and all(p.shape == (32, 32) for p in result.pseudo_labels)
+        assert result.kept == [True] * 3 and result.losses["det_images"] == 3
+        assert set(result.seconds) == {"rec", "cls", "det", "crf_wait", "step"}
+
+        strict = _cfg(f"pseudo_labels.min_pixels={32 * 32 + 1}")
+        result = train_step(model, optimizers, _batch(), strict, runtime, pool)
+        assert result.kept == [False] * 3 and "det_total" not in result.losses
+
+
+def test_a_non_finite_loss_stops_before_any_update(setup, monkeypatch):
+    cfg, model, optimizers, runtime = setup
+    real = phases.reconstructor_loss
+    monkeypatch.setattr(phases, "reconstructor_loss",
+                        lambda *a: (real(*a)[0] * float("nan"), real(*a)[1]))
+    before = _snapshot(model)
+    with pytest.raises(TrainingError, match="reconstructor loss is not finite"):
+        reconstructor_step(model, optimizers, _batch(), cfg, runtime, pool=None)
+    assert not _changed(before, _snapshot(model))
+    assert np.isfinite(sum(float(p.sum()) for p in model.parameters()))
