@@ -42,7 +42,7 @@ import yaml
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from pipelines.tasks import dvc_commit, dvc_repro, promote_challenger, run_dvc, run_key
+from pipelines.tasks import dvc_repro, promote_challenger, run_dvc, run_key
 from wpcrack.errors import DataError, WpcrackError
 from wpcrack.io import IMAGE_SUFFIXES, atomic_path
 
@@ -94,20 +94,20 @@ def probe(path: Path, root: Path, label: object) -> dict:
     inside = _inside(path, root)
     name = os.path.relpath(os.path.abspath(path), os.path.abspath(root)) if inside else str(path)
     row = {
-        "path": str(path), "name": name, "label": LABELS.get(str(label).strip().lower(), pd.NA),
+        "path": str(path), "name": name, "label": LABELS.get(str(label).strip().lower(), -1),
         "inside": inside and not path.is_symlink() and path.resolve().is_relative_to(root.resolve()),
-        "safe_name": inside and all(SAFE_PART.match(part) for part in Path(name).parts),
-        "exists": path.is_file(), "suffix": path.suffix.lower(), "format": None, "complete": False,
-        "decodes": False, "height": pd.NA, "width": pd.NA, "mode": None, "sha256": "",
+        "safe_name": all(SAFE_PART.match(part) for part in Path(name).parts) if inside else pd.NA,
+        "exists": path.is_file(), "suffix": path.suffix.lower(), "format": None, "complete": pd.NA,
+        "decodes": pd.NA, "height": pd.NA, "width": pd.NA, "mode": None, "sha256": "",
     }
     if not (row["inside"] and row["exists"]):
-        return row
+        return row  # the content checks do not apply (nulls are not checked)
     data = path.read_bytes()
     img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED) if data else None
-    row.update(sha256=hashlib.sha256(data).hexdigest(), format=_sniff(data[:16]))
+    row.update(sha256=hashlib.sha256(data).hexdigest(), format=_sniff(data[:16]), decodes=img is not None)
     row["complete"] = _complete(data, row["format"])
     if img is not None:
-        row.update(decodes=True, height=img.shape[0], width=img.shape[1], mode=_mode(img))
+        row.update(height=img.shape[0], width=img.shape[1], mode=_mode(img))
     return row
 
 
@@ -135,25 +135,26 @@ def read_batch(batch: str | Path) -> tuple[Path, list[tuple[Path, object]]]:
 
 
 def batch_schema(min_side: int, max_side: int, modes: tuple[str, ...] = MODES) -> pa.DataFrameSchema:
-    """One row per listed file; each check's ``error`` is the key of its reason in ``REASONS``."""
+    """One row per listed file; each check's ``error`` is the key of its reason in ``REASONS``.
+    Content columns are null for files that could not be read; nulls are not checked."""
     def true(key: str) -> pa.Check:
         return pa.Check.eq(True, error=key)
 
     return pa.DataFrameSchema(
         {
             "inside": pa.Column(bool, true("outside")),
-            "safe_name": pa.Column(bool, true("unsafe_name")),
+            "safe_name": pa.Column("boolean", true("unsafe_name"), nullable=True),
             "exists": pa.Column(bool, true("missing")),
-            "label": pa.Column("Int64", pa.Check.isin([0, 1], error="label"), nullable=False),
+            "label": pa.Column(int, pa.Check.isin([0, 1], error="label")),
             "suffix": pa.Column(str, pa.Check.isin(list(SUFFIX_FORMAT), error="suffix")),
-            "decodes": pa.Column(bool, true("corrupt")),
-            "complete": pa.Column(bool, true("truncated")),
+            "decodes": pa.Column("boolean", true("corrupt"), nullable=True),
+            "complete": pa.Column("boolean", true("truncated"), nullable=True),
             "height": pa.Column("Int64", pa.Check.in_range(min_side, max_side, error="size"), nullable=True),
             "width": pa.Column("Int64", pa.Check.in_range(min_side, max_side, error="size"), nullable=True),
             "mode": pa.Column(str, pa.Check.isin(list(modes), error="mode"), nullable=True),
             "duplicate_of": pa.Column(str, pa.Check.eq("", error="duplicate")),
         },
-        checks=[pa.Check(lambda df: ~df["decodes"] | df["suffix"].map(SUFFIX_FORMAT).eq(df["format"]),
+        checks=[pa.Check(lambda df: ~df["decodes"].fillna(False) | df["suffix"].map(SUFFIX_FORMAT).eq(df["format"]),
                          error="format")],
         strict=False,
     )
@@ -176,7 +177,8 @@ REASONS = {
 
 def validate_probes(probes: pd.DataFrame, min_side: int, max_side: int, modes: tuple[str, ...] = MODES) -> pd.DataFrame:
     """``probes`` plus ``ok`` and ``reason`` (all failed checks of a row, joined with '; ')."""
-    frame = probes.astype({"label": "Int64", "height": "Int64", "width": "Int64"})
+    frame = probes.astype({"label": int, "height": "Int64", "width": "Int64", "safe_name": "boolean",
+                           "decodes": "boolean", "complete": "boolean"})
     failed: dict[int, list[str]] = {}
     try:
         batch_schema(min_side, max_side, modes).validate(frame, lazy=True)
@@ -277,6 +279,7 @@ def quarantine(report: pd.DataFrame, batch: str, folder: str) -> list[str]:
     batch_root, _ = read_batch(batch)
     folder_path = Path(folder)
     folder_path.mkdir(parents=True, exist_ok=True)
+    needed = set(report.loc[report["ok"], "path"])  # a CSV may list one file twice
     moved = []
     for row in report[~report["ok"] & ~report["already_ingested"]].to_dict("records"):
         src = Path(row["path"])
@@ -284,10 +287,12 @@ def quarantine(report: pd.DataFrame, batch: str, folder: str) -> list[str]:
         rel = Path(row["name"]) if inside else Path("outside") / src.name
         dest = _free(folder_path / rel)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        if inside:
+        movable = inside and row["path"] not in needed
+        if movable:
             shutil.move(src, dest)
             moved.append(str(dest))
-        note = f"{row['path']}: {row['reason']}\n" + ("" if inside else "(not moved: outside the batch)\n")
+        why = "" if movable else "(not moved: outside the batch)\n" if not inside else "(not moved: also listed as good)\n"
+        note = f"{row['path']}: {row['reason']}\n{why}"
         dest.with_name(dest.name + ".reason.txt").write_text(note)
     with atomic_path(folder_path / "report.csv") as tmp:
         report.to_csv(tmp, index=False)
@@ -309,7 +314,8 @@ def ingest(report: pd.DataFrame, root: str, dataset: str, batch: str, quarantine
     root_path = Path(root)
     folder = incoming_dir(root_path, dataset)
     (folder / "images").mkdir(parents=True, exist_ok=True)
-    versions = pd.read_csv(versions_csv(root_path, dataset), dtype=str) if versions_csv(root_path, dataset).is_file() else pd.DataFrame(columns=list(VERSION_COLUMNS))
+    log = versions_csv(root_path, dataset)
+    versions = pd.read_csv(log, dtype=str) if log.is_file() else pd.DataFrame(columns=list(VERSION_COLUMNS))
     version = int(pd.to_numeric(versions["version"]).max()) + 1 if len(versions) else 1
     added = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     rows = []
@@ -330,19 +336,19 @@ def ingest(report: pd.DataFrame, root: str, dataset: str, batch: str, quarantine
     if not dvc_file.is_file():
         dvc_file.parent.mkdir(parents=True, exist_ok=True)
         dvc_file.write_text(yaml.safe_dump({"outs": [{"path": f"../data/incoming/{dataset}"}]}))
-    dvc_commit.fn(str(dvc_file.relative_to(root_path)), cwd=root)
+    run_dvc(["commit", "--force", str(dvc_file.relative_to(root_path))], root_path)
     out = _read_dvc_out(dvc_file)
     entry = {"version": version, "created": added, "batch": str(Path(batch).resolve()), "added": len(rows),
              "quarantined": quarantined, "md5": out.get("md5", ""), "nfiles": out.get("nfiles", ""),
              "size": out.get("size", "")}
     table = pd.concat([versions, pd.DataFrame([entry])])[list(VERSION_COLUMNS)]
-    with atomic_path(versions_csv(root_path, dataset)) as tmp:
+    with atomic_path(log) as tmp:
         table.to_csv(tmp, index=False)
     print(f"incoming {dataset}: version {version} (+{len(rows)} images, md5 {entry['md5']})")
     return entry
 
 
-def test_fingerprint(root: Path, dataset: str) -> str | None:
+def fingerprint_test_split(root: Path, dataset: str) -> str | None:
     """SHA-256 over the test rows of the prepared manifest and their files (None: not prepared)."""
     path = root / "data" / "prepared" / dataset / "manifest.csv"
     if not path.is_file():
@@ -383,7 +389,7 @@ def retrain(
             batch_path = Path(batch).resolve()
             report = validate_batch(str(batch_path), str(root_path), dataset, min_side, max_side)
             stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-            folder = Path(quarantine_dir) if quarantine_dir else root_path / "data" / "quarantine" / dataset / f"{batch_path.stem}-{stamp}"
+            folder = Path(quarantine_dir or root_path / "data" / "quarantine" / dataset / f"{batch_path.stem}-{stamp}")
             moved = quarantine(report, str(batch_path), str(folder))
             good, skipped = int(report["ok"].sum()), int(report["already_ingested"].sum())
             result.update(quarantined=len(moved), good=good, already_ingested=skipped, quarantine=str(folder))
@@ -396,9 +402,9 @@ def retrain(
                     f"{batch_path}: no usable image ({len(report) - skipped} rejected; reasons in {folder / 'report.csv'})"
                 )
             result["data_version"] = ingest(report, str(root_path), dataset, str(batch_path), len(moved))
-        before = test_fingerprint(root_path, dataset)
+        before = fingerprint_test_split(root_path, dataset)
         dvc_repro([f"prepare@{dataset}"], cwd=str(root_path))
-        after = test_fingerprint(root_path, dataset)
+        after = fingerprint_test_split(root_path, dataset)
         if before is not None and after != before:
             raise DataError(root_path / "data" / "prepared" / dataset / "manifest.csv",
                             "the test split changed while preparing: scores would not be comparable, nothing promoted")
@@ -410,7 +416,7 @@ def retrain(
             str(root_path), dataset, variant, since_ms=since_ms, stage=f"retrain@{dataset}", promote=promote,
             tags={"batch": batch or "", "data_version": data_version.get("version", ""),
                   "data_md5": data_version.get("md5", "")},
-            report=None if report is None else report.drop(columns=["path"]),
+            report=report,
         )
     return {**result, **decision}
 

@@ -115,12 +115,6 @@ def dvc_repro(targets: Sequence[str], cwd: str = ".", gpu: bool = False, force: 
         return run_dvc(args, cwd)
 
 
-@task(name="dvc-commit", cache_policy=NO_CACHE, task_run_name="dvc commit {dvc_file}")
-def dvc_commit(dvc_file: str, cwd: str = ".") -> str:
-    """Hash the outputs of a ``.dvc`` file into the DVC cache and record the new hash in it."""
-    return run_dvc(["commit", "--force", dvc_file], cwd)
-
-
 def run_key(root: str | Path, dataset: str, variant: str) -> str:
     """The DVC stage key of (dataset, variant) from ``runs:`` in params.yaml."""
     from wpcrack.config import ConfigError, list_runs
@@ -175,7 +169,7 @@ def promote_challenger(
             tracking.record_score(name, challenger.version, iou)
             current = tracking.version_score(name, champion.version) if champion else None
             result = tracking.Promotion(False, current, iou)
-        same = champion is not None and champion.version == challenger.version
+        same = champion is not None and int(champion.version) == int(challenger.version)
         decision.update(
             challenger_version=int(challenger.version), champion_iou=result.champion_iou,
             challenger_iou=result.challenger_iou, promoted=result.promoted and not same,

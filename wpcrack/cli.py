@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="score a folder of predicted masks against ground truth")
     p.add_argument("--pred", required=True, help="folder of predicted masks (PNG)")
     p.add_argument("--gt", required=True, help="folder of ground-truth masks (PNG)")
-    p.add_argument("--size", type=int, help="resize both to SIZE x SIZE first (nearest-neighbour)")
+    p.add_argument("--size", type=int, help="score at SIZE x SIZE: ground truth resized nearest-neighbour, predictions bilinear")
     p.add_argument("--threshold", type=float, default=0.5, help="binarisation threshold (default: 0.5)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_score)

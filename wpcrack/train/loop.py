@@ -173,7 +173,8 @@ def _train_epoch(model, optimizers: Optimizers, loader: DataLoader, steps: int, 
     run.timed_steps += steps
     for key, value in seconds.items():
         run.seconds[key] = run.seconds.get(key, 0.0) + value
-    row = {"epoch": epoch + 1, "lr": optimizers.classifier.param_groups[0]["lr"]}
+    group = optimizers.classifier.param_groups[0]
+    row = {"epoch": epoch + 1, "lr": cfg.train.lr * group["lr"] / group["initial_lr"]}
     row |= {key: sums[key] / counts[key] for key in sorted(sums)}
     row |= {"pseudo_label_iou": iou_of(diag), "pseudo_label_kept": kept / labelled if labelled else math.nan}
     return row | _timing({k: seconds.get(k, 0.0) / n for k in ("step_s", *TIMING_KEYS)})

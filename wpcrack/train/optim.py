@@ -78,9 +78,10 @@ class Optimizers:
     def as_dict(self) -> dict[str, torch.optim.Optimizer]:
         return {"classifier": self.classifier, "reconstructor": self.reconstructor, "detector": self.detector}
 
-    def step_schedules(self) -> None:
-        for scheduler in self.schedulers.values():
-            scheduler.step()
+    def step_schedules(self, names: tuple[str, ...] = ("classifier", "reconstructor")) -> None:
+        """Advance the poly schedules of the networks that trained this iteration."""
+        for name in names:
+            self.schedulers[name].step()
 
     def state_dict(self) -> dict:
         return {

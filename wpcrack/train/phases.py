@@ -294,7 +294,7 @@ def train_step(
     seconds["det"] = clock.lap() - result.seconds.get("crf_wait", 0.0)
     seconds["crf_wait"] = result.seconds.get("crf_wait", 0.0)
     seconds["step"] = sum(seconds.values())
-    optimizers.step_schedules()
+    optimizers.step_schedules(("classifier", "reconstructor") if need_rec else ("classifier",))
     losses = {f"rec_{k}": v for k, v in rec_parts.items()}
     losses |= {f"cls_{k}": v for k, v in cls_parts.items()}
     losses |= {"det_total" if k == "det" else k: v for k, v in result.losses.items()}

@@ -1,0 +1,143 @@
+"""train(): outputs, exact resume after a kill, NaN handling, and the smoke profile learning."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from wpcrack.config import load_config
+from wpcrack.data.datasets import WeakDataset
+from wpcrack.data.prepare import prepare
+from wpcrack.errors import TrainingError
+from wpcrack.models.wpcracknet import build_model
+from wpcrack.pseudo_labels import confusion
+from wpcrack.train import checkpoint, loop, phases
+from wpcrack.train.loop import train
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+TINY_DATA = ["prepare.synthetic.size=64", "prepare.synthetic.train_crack=6", "prepare.synthetic.train_nocrack=6",
+             "prepare.synthetic.val_crack=2", "prepare.synthetic.val_nocrack=2", "prepare.synthetic.test=2"]
+TINY_RUN = ["model.cam_channels=16", "model.paam_channels=8", "model.paam_reduction=4", "model.detector_channels=8",
+            "model.decoder_channels=8", "train.epochs=3", "train.batch_size=4", "train.crop_size=32",
+            "train.max_steps_per_epoch=2", "pseudo_labels.workers=0", "pseudo_labels.iterations=2",
+            "pseudo_labels.min_pixels=0"]
+
+
+def _cfg(data: Path, *overrides: str, tiny: bool = True):
+    extra = [*TINY_DATA, *TINY_RUN] if tiny else []
+    return load_config(PARAMS, dataset="synthetic", overrides=[f"paths.data={data}", *extra, *overrides])
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    data = tmp_path_factory.mktemp("tiny") / "data"
+    prepare(_cfg(data), "synthetic")
+    return data
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return checkpoint.load(path)["model"]
+
+
+def test_outputs(tiny_data, tmp_path):
+    metrics = train(_cfg(tiny_data), tmp_path, track=False)
+    assert {p.name for p in tmp_path.iterdir()} >= {
+        "checkpoint.pt", "best.pt", "config.yaml", "train_metrics.json", "history.csv"}
+    assert (tmp_path / "config.yaml").read_text().startswith("# git commit: ")
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["epochs"] == 3
+    assert json.loads((tmp_path / "train_metrics.json").read_text()) == metrics
+    assert metrics["epochs"] == 3 and metrics["steps"] == 6 and 1 <= metrics["best_epoch"] <= 3
+    assert set(metrics["timing"]) >= {"s_per_iter", "rec_s", "cls_s", "det_s", "crf_wait_s", "crf_wait_share"}
+    rows = list(csv.DictReader((tmp_path / "history.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert all(r["val_score"] and r["pseudo_label_iou"] for r in rows)
+    best = checkpoint.load(tmp_path / "best.pt")
+    assert best["epoch"] == metrics["best_epoch"] and best["config"]["variant"] == "full"
+    model = build_model(_cfg(tiny_data))
+    model.load_state_dict(best["model"])  # evaluate's loader does the same
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_a_kill_ends_with_the_same_weights(tiny_data, tmp_path, monkeypatch):
+    cfg = _cfg(tiny_data)
+    train(cfg, tmp_path / "straight", track=False)
+
+    calls = {"n": 0}
+    real_step = loop.train_step
+
+    def killed_in_epoch_two(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # second step of epoch 2, after epoch 1's checkpoint
+            raise Killed
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", killed_in_epoch_two)
+    with pytest.raises(Killed):
+        train(cfg, tmp_path / "resumed", track=False)
+    assert checkpoint.load(tmp_path / "resumed" / "checkpoint.pt")["run"]["epoch"] == 1
+    monkeypatch.setattr(loop, "train_step", real_step)
+    train(cfg, tmp_path / "resumed", resume=True, track=False)
+
+    for name in ("checkpoint.pt", "best.pt"):
+        a, b = _weights(tmp_path / "straight" / name), _weights(tmp_path / "resumed" / name)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    history = [(tmp_path / d / "history.csv").read_text().splitlines() for d in ("straight", "resumed")]
+    keep = [i for i, c in enumerate(history[0][0].split(",")) if not c.endswith("_s") and c not in (
+        "s_per_iter", "crf_wait_share")]
+    assert [[r.split(",")[i] for i in keep] for r in history[0]] == [[r.split(",")[i] for i in keep] for r in history[1]]
+
+
+def test_resume_refuses_another_configuration(tiny_data, tmp_path):
+    train(_cfg(tiny_data, "train.epochs=1"), tmp_path, track=False)
+    with pytest.raises(TrainingError, match="train.lr"):
+        train(_cfg(tiny_data, "train.epochs=1", "train.lr=0.5"), tmp_path, resume=True, track=False)
+
+
+def test_nan_loss_stops_with_the_epoch_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
+    real = phases.classifier_loss
+    calls = {"n": 0}
+
+    def nan_in_epoch_two(*args):
+        calls["n"] += 1
+        total, parts = real(*args)
+        return (total * math.nan, parts) if calls["n"] == 3 else (total, parts)
+
+    monkeypatch.setattr(phases, "classifier_loss", nan_in_epoch_two)
+    with pytest.raises(TrainingError, match=r"epoch 2, step 1: classifier loss is not finite.*epoch 1"):
+        train(_cfg(tiny_data), tmp_path, track=False)
+    state = checkpoint.load(tmp_path / "checkpoint.pt")
+    assert state["run"]["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert (tmp_path / "best.pt").is_file()
+
+
+def test_smoke_profile_detector_beats_all_background(tmp_path):
+    """The README's demo configuration, unchanged, on the default synthetic data set."""
+    cfg = _cfg(tmp_path / "data", tiny=False)
+    prepare(cfg, "synthetic")
+    metrics = train(cfg, tmp_path / "model", track=False)
+    assert metrics["epochs"] == cfg.train.epochs
+
+    model = build_model(cfg)
+    model.load_state_dict(checkpoint.load(tmp_path / "model" / "best.pt")["model"])
+    test = WeakDataset(tmp_path / "data/prepared/synthetic/manifest.csv", "test")
+    items = [test[i] for i in range(len(test))]
+    probs = model.predict(torch.stack([it["image"] for it in items]))[:, 0].numpy()
+    masks = [it["mask"][0].numpy() for it in items]
+    tp, fp, fn = confusion(list(probs > 0.5), masks)
+    iou, f1 = tp / (tp + fp + fn), 2 * tp / (2 * tp + fp + fn)
+    all_crack_f1 = 2 * sum(m.sum() for m in masks) / (sum(m.sum() for m in masks) + sum(m.size for m in masks))
+    assert iou > 0 and f1 > 0  # all-background: IoU = F1 = 0
+    assert f1 > all_crack_f1, (f1, all_crack_f1)
+    assert np.mean(probs > 0.5) < 0.5
