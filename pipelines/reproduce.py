@@ -24,7 +24,8 @@ from pipelines.tasks import dvc_repro, promote_challenger
 from wpcrack.errors import ConfigError, WpcrackError
 
 
-def plan(runs: dict[str, dict[str, str]], datasets: list[str] | None, variants: list[str] | None) -> list[tuple[str, list[str], bool]]:
+def plan(runs: dict[str, dict[str, str]], datasets: list[str] | None,
+         variants: list[str] | None) -> list[tuple[str, list[str], bool]]:
     """[(dataset, run keys, compare?)] in params.yaml order; unknown names are errors."""
     known = list(dict.fromkeys(r["dataset"] for r in runs.values()))
     unknown = sorted(set(datasets or ()) - set(known))

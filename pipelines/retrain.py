@@ -48,7 +48,8 @@ from wpcrack.io import IMAGE_SUFFIXES, atomic_path
 
 LABELS = {"crack": 1, "no_crack": 0, "1": 1, "0": 0}
 SUFFIX_FORMAT = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".bmp": "bmp", ".tif": "tiff", ".tiff": "tiff"}
-SIGNATURES = {"png": (b"\x89PNG\r\n\x1a\n",), "jpeg": (b"\xff\xd8\xff",), "bmp": (b"BM",), "tiff": (b"II*\x00", b"MM\x00*")}
+SIGNATURES = {"png": (b"\x89PNG\r\n\x1a\n",), "jpeg": (b"\xff\xd8\xff",), "bmp": (b"BM",),
+              "tiff": (b"II*\x00", b"MM\x00*")}
 SAFE_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 MODES = ("RGB", "L")
 INCOMING_COLUMNS = ("image", "mask", "label", "split", "dataset", "source_id", "height", "width",
@@ -274,14 +275,18 @@ def _free(path: Path) -> Path:
 
 @task(name="quarantine", cache_policy=NO_CACHE)
 def quarantine(report: pd.DataFrame, batch: str, folder: str) -> list[str]:
-    """Move every rejected file that lies in the batch into ``folder`` with a reason file; write the
-    report. Files outside the batch (a CSV may point anywhere) are never touched."""
+    """Move every rejected file that lies in the batch into ``folder`` with a reason file, and write
+    the report there (nothing at all when nothing is rejected). Files outside the batch (a CSV may
+    point anywhere) are never touched."""
+    rejected = report[~report["ok"] & ~report["already_ingested"]] if len(report) else report
+    if rejected.empty:
+        return []
     batch_root, _ = read_batch(batch)
     folder_path = Path(folder)
     folder_path.mkdir(parents=True, exist_ok=True)
     needed = set(report.loc[report["ok"], "path"])  # a CSV may list one file twice
     moved = []
-    for row in report[~report["ok"] & ~report["already_ingested"]].to_dict("records"):
+    for row in rejected.to_dict("records"):
         src = Path(row["path"])
         inside = _inside(src, batch_root) and (src.is_file() or src.is_symlink())
         rel = Path(row["name"]) if inside else Path("outside") / src.name
@@ -291,7 +296,7 @@ def quarantine(report: pd.DataFrame, batch: str, folder: str) -> list[str]:
         if movable:
             shutil.move(src, dest)
             moved.append(str(dest))
-        why = "" if movable else "(not moved: outside the batch)\n" if not inside else "(not moved: also listed as good)\n"
+        why = "" if movable else "(not moved: " + ("also listed as good" if inside else "outside the batch") + ")\n"
         note = f"{row['path']}: {row['reason']}\n{why}"
         dest.with_name(dest.name + ".reason.txt").write_text(note)
     with atomic_path(folder_path / "report.csv") as tmp:
@@ -393,14 +398,14 @@ def retrain(
             moved = quarantine(report, str(batch_path), str(folder))
             good, skipped = int(report["ok"].sum()), int(report["already_ingested"].sum())
             result.update(quarantined=len(moved), good=good, already_ingested=skipped, quarantine=str(folder))
-            print(f"batch {batch_path}: {good} good, {len(report) - good - skipped} rejected, {skipped} already ingested")
+            rejected = len(report) - good - skipped
+            print(f"batch {batch_path}: {good} good, {rejected} rejected, {skipped} already ingested")
             if good == 0:
                 if len(report) == skipped:
                     print("nothing new in the batch: no retraining")
                     return {**result, "decision": "nothing_new"}
-                raise BatchRejected(
-                    f"{batch_path}: no usable image ({len(report) - skipped} rejected; reasons in {folder / 'report.csv'})"
-                )
+                raise BatchRejected(f"{batch_path}: no usable image ({rejected} rejected; "
+                                    f"reasons in {folder / 'report.csv'})")
             result["data_version"] = ingest(report, str(root_path), dataset, str(batch_path), len(moved))
         before = fingerprint_test_split(root_path, dataset)
         dvc_repro([f"prepare@{dataset}"], cwd=str(root_path))
@@ -443,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.retrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="validate and ingest a batch, retrain, promote if not worse")
-    p.add_argument("batch", nargs="?", help="batch folder (crack/, no_crack/) or CSV (path,label); omit to retrain as is")
+    p.add_argument("batch", nargs="?",
+                   help="batch folder (crack/, no_crack/) or CSV (path,label); omit to retrain as is")
     p.add_argument("--dataset", default="deepcrack")
     p.add_argument("--variant", default="full")
     p.add_argument("--root", default=".", help="the wpcrack repository (default: .)")

@@ -59,9 +59,12 @@ def dvc_executable() -> str:
 
 
 def run_dvc(args: Sequence[str], cwd: str | Path = ".") -> str:
-    """Run ``dvc <args>`` in ``cwd``, streaming its output; raise DvcFailed on a non-zero exit."""
+    """Run ``dvc <args>`` in ``cwd``, streaming its output; raise DvcFailed on a non-zero exit
+    (``check=True`` semantics, keeping the output's tail for the error). Stage commands
+    (``wpcrack ...``) resolve to this Python's environment even when it is not activated."""
     cmd = [dvc_executable(), *args]
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
     with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, errors="replace") as proc:
@@ -107,12 +110,11 @@ def gpu_slot(needed: bool) -> Iterator[None]:
     cache_policy=NO_CACHE,
     task_run_name="dvc repro {targets}",
 )
-def dvc_repro(targets: Sequence[str], cwd: str = ".", gpu: bool = False, force: bool = False) -> str:
-    """``dvc repro <targets>`` (``--force`` re-runs them even when up to date)."""
-    args = ["repro", *(["--force"] if force else []), *targets]
-    print(f"dvc {' '.join(args)}" + (" (holding a GPU slot)" if gpu else ""))
+def dvc_repro(targets: Sequence[str], cwd: str = ".", gpu: bool = False) -> str:
+    """``dvc repro <targets>`` in the repository ``cwd``; DVC decides what is up to date."""
+    print(f"dvc repro {' '.join(targets)}" + (" (holding a GPU slot)" if gpu else ""))
     with gpu_slot(gpu):
-        return run_dvc(args, cwd)
+        return run_dvc(["repro", *targets], cwd)
 
 
 def run_key(root: str | Path, dataset: str, variant: str) -> str:

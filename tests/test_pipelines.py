@@ -43,7 +43,8 @@ def prefect_server(tmp_path_factory):
         from prefect.testing.utilities import prefect_test_harness
 
         with prefect_test_harness(server_startup_timeout=None):
-            yield {name: importlib.import_module(f"pipelines.{name}") for name in ("tasks", "retrain", "reproduce", "deploy")}
+            yield {name: importlib.import_module(f"pipelines.{name}")
+                   for name in ("tasks", "retrain", "reproduce", "deploy")}
 
 
 # --- a project and batches ------------------------------------------------------------------------
@@ -115,7 +116,7 @@ class FakeStages:
         self.name = _model(root)
         self.change_test_split = False
 
-    def __call__(self, targets, cwd=".", gpu=False, force=False):
+    def __call__(self, targets, cwd=".", gpu=False):
         from wpcrack.tracking import client
 
         (target,) = targets
@@ -237,7 +238,8 @@ def test_bad_files_are_quarantined_exactly_and_no_source_is_lost(project, prefec
         "no_crack/known_again.png", "no_crack/tiny.png", "no_crack/deep.png", "no_crack/.hidden.png",
     }
     reasons = dict(zip(report["name"], report["reason"], strict=True))
-    assert "PNG" in reasons["crack/png_named.jpg"] and "duplicate of crack/first.png" in reasons["no_crack/copy_of_first.png"]
+    assert "PNG" in reasons["crack/png_named.jpg"]
+    assert "duplicate of crack/first.png" in reasons["no_crack/copy_of_first.png"]
     assert "data/raw/synthetic/known.png" in reasons["no_crack/known_again.png"]
 
     quarantine = tmp_path / "quarantine"
@@ -245,7 +247,8 @@ def test_bad_files_are_quarantined_exactly_and_no_source_is_lost(project, prefec
     assert len(moved) == 8
     assert sorted(_contents(batch) + _contents(quarantine)) == before  # moved, never deleted or rewritten
     assert "corrupt" in (quarantine / "crack" / "corrupt.jpg.reason.txt").read_text()
-    assert {p.relative_to(batch).as_posix() for p in batch.rglob("*") if p.is_file()} == set(report.loc[report["ok"], "name"])
+    left = {p.relative_to(batch).as_posix() for p in batch.rglob("*") if p.is_file()}
+    assert left == set(report.loc[report["ok"], "name"])
     assert (quarantine / "report.csv").is_file()
 
 
@@ -306,7 +309,8 @@ def _fake_dvc(folder: Path, script: str, monkeypatch) -> Path:
 
 def test_failing_dvc_stage_fails_the_flow_without_retrying(project, prefect_server, tmp_path, monkeypatch):
     tasks = prefect_server["tasks"]
-    fake = _fake_dvc(tmp_path / "bin", "echo \"ERROR: failed to reproduce 'prepare@synthetic'\" >&2; exit 255", monkeypatch)
+    script = "echo \"ERROR: failed to reproduce 'prepare@synthetic'\" >&2; exit 255"
+    fake = _fake_dvc(tmp_path / "bin", script, monkeypatch)
     with pytest.raises(tasks.DvcFailed, match="failed to reproduce"):
         prefect_server["retrain"].retrain(None, dataset=DATASET, root=str(project))
     assert (fake / "calls").read_text().count("x") == 1
@@ -329,12 +333,44 @@ def test_lock_contention_is_retried(project, prefect_server, tmp_path, monkeypat
     assert (fake / "calls").read_text().count("x") == 2
 
 
+def test_gpu_stages_hold_a_slot_of_the_gpu_limit(project, prefect_server, tmp_path, monkeypatch):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    tasks = prefect_server["tasks"]
+    _fake_dvc(tmp_path / "bin", "exit 0", monkeypatch)
+    held, run_dvc = [], tasks.run_dvc
+
+    def spy(args, cwd="."):
+        with get_client(sync_client=True) as client:
+            held.append(client.read_global_concurrency_limit_by_name("gpu").active_slots)
+        return run_dvc(args, cwd)
+
+    monkeypatch.setattr(tasks, "run_dvc", spy)
+
+    @flow
+    def two_stages():
+        tasks.dvc_repro(["train@synthetic"], cwd=str(project), gpu=True)
+        tasks.dvc_repro(["compare@synthetic"], cwd=str(project))
+
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="gpu", limit=1))
+    try:
+        two_stages()
+    finally:
+        with get_client(sync_client=True) as client:
+            client.delete_global_concurrency_limit_by_name("gpu")
+    assert held == [1, 0]
+
+
 # --- reproduce and deployments ------------------------------------------------------------------
 
 
 def test_reproduce_runs_stages_in_order_one_gpu_stage_at_a_time(prefect_server, monkeypatch):
     calls = []
-    monkeypatch.setattr(prefect_server["reproduce"], "dvc_repro", lambda targets, cwd, gpu=False: calls.append((targets[0], gpu)))
+    monkeypatch.setattr(prefect_server["reproduce"], "dvc_repro",
+                        lambda targets, cwd, gpu=False: calls.append((targets[0], gpu)))
     prefect_server["reproduce"].reproduce.fn(["synthetic"], ["full", "cls_det"], root=str(REPO), promote=False)
     assert calls == [("prepare@synthetic", False), ("train@synthetic", True), ("evaluate@synthetic", True),
                      ("train@synthetic-cls_det", True), ("evaluate@synthetic-cls_det", True),
@@ -342,7 +378,8 @@ def test_reproduce_runs_stages_in_order_one_gpu_stage_at_a_time(prefect_server, 
     calls.clear()
     prefect_server["reproduce"].reproduce.fn(["cfd"], root=str(REPO), benchmark=False, promote=False)
     assert [c for c, _ in calls] == ["prepare@cfd", "train@cfd", "evaluate@cfd", "train@cfd-cls_only",
-                                     "evaluate@cfd-cls_only", "train@cfd-supervised", "evaluate@cfd-supervised", "compare@cfd"]
+                                     "evaluate@cfd-cls_only", "train@cfd-supervised", "evaluate@cfd-supervised",
+                                     "compare@cfd"]
 
 
 def test_deploy_refuses_to_schedule_without_a_server(prefect_server, capsys):

@@ -58,21 +58,22 @@ def decode_image(text: str) -> np.ndarray:
 
 
 def example_frame(example: Any) -> pd.DataFrame:
-    """The pyfunc input for an example: a DataFrame as is, a uint8 RGB image, or an
-    ImageNet-normalised float batch/image ([B,]3,H,W, tensor or array) of which the first is used."""
+    """The pyfunc input for an example: a DataFrame as is, uint8 RGB ([B,]H,W,3), or an
+    ImageNet-normalised float ([B,]3,H,W); numpy or torch; of a batch the first image is used."""
     import torch
 
     if isinstance(example, pd.DataFrame):
         return example
-    if isinstance(example, np.ndarray) and example.dtype == np.uint8 and example.ndim == 3 and example.shape[-1] == 3:
-        return pd.DataFrame({INPUT_COLUMN: [encode_png(example)]})
-    from wpcrack.data.datasets import denormalize
+    x = torch.as_tensor(np.asarray(example.detach().cpu() if isinstance(example, torch.Tensor) else example))
+    if x.dtype == torch.uint8:
+        rgb = x[0] if x.ndim == 4 else x
+    else:
+        from wpcrack.data.datasets import denormalize
 
-    x = torch.as_tensor(example)
-    x = x[0] if x.ndim == 4 else x
-    if x.ndim != 3 or x.shape[0] != 3:
-        raise ValueError(f"input example: expected an RGB image or a [B,3,H,W] batch, got shape {tuple(x.shape)}")
-    return pd.DataFrame({INPUT_COLUMN: [encode_png(denormalize(x.detach().cpu()).numpy())]})
+        rgb = denormalize(x[0] if x.ndim == 4 else x)
+    if rgb.ndim != 3 or rgb.shape[-1] != 3:
+        raise ValueError(f"input example: expected an RGB image or batch, got shape {tuple(x.shape)}")
+    return pd.DataFrame({INPUT_COLUMN: [encode_png(rgb.numpy())]})
 
 
 def signature(threshold: float, gate: float):

@@ -74,10 +74,12 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, *, track: bool
     with _deterministic(runtime):
         _seed_everything(t.seed)
         generator = torch.Generator().manual_seed(t.seed)
+        # No persistent workers: they draw their seed from the generator once per run, not once per
+        # epoch, so a resumed run would shuffle differently.
         loader = DataLoader(
             train_set, batch_size=t.batch_size, shuffle=True, drop_last=len(train_set) >= t.batch_size,
             num_workers=t.num_workers, generator=generator, worker_init_fn=_seed_worker,
-            pin_memory=runtime.device.type == "cuda", persistent_workers=t.num_workers > 0,
+            pin_memory=runtime.device.type == "cuda",
         )
         steps = min(len(loader), t.max_steps_per_epoch or len(loader))
         model = build_model(cfg)
@@ -114,7 +116,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, *, track: bool
                     "model": model.state_dict(), **optimizers.state_dict(), "rng": checkpoint.rng_state(generator),
                     "run": asdict(run), "config": cfg.to_dict(), "git_commit": commit,
                 })
-                metrics = _write_metrics(run, out_dir)
+                _write_metrics(run, out_dir)
                 tracker.log_metrics(_numeric(row), step=epoch + 1)
                 print(_summary(row, run, t.epochs), flush=True)
             metrics = _write_metrics(run, out_dir)
@@ -233,7 +235,7 @@ def validate(model, val_set, cfg: Config, runtime: Runtime, pool: CRFPool) -> tu
     terms = {"val_agreement_iou": _zero_if_nan(iou_of(confusion(preds, pseudo)))} if rgbs else {}
     terms["val_cls_accuracy"] = float(np.mean(right[seen > 0] / seen[seen > 0]))
     if seen[0]:
-        terms["val_det_clean"] = clean / seen[0]
+        terms["val_det_clean"] = float(clean / seen[0])
     with_mask = [i for i, m in enumerate(has_masks) if m]
     diag = {
         "val_diag_det_iou": iou_of(confusion([preds[i] for i in with_mask], [masks[i] for i in with_mask])),
