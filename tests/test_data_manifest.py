@@ -93,7 +93,29 @@ def test_masks_required_for_test_and_crack_rows(tmp_path):
     rows = _good(tmp_path)
     rows[0]["mask"] = rows[1]["mask"] = rows[3]["mask"] = ""
     msg = _load_error(tmp_path, rows)
-    assert "val/test and crack rows need a mask on line(s) 2, 5" in msg  # line 3: train no-crack may omit
+    # line 3: a train no-crack row may omit its mask
+    assert "val/test and crack rows need a mask (incoming train rows excepted) on line(s) 2, 5" in msg
+
+
+def _incoming(folder: Path, name: str, split="train", label=1) -> dict:
+    """A row as prepare writes it from data/incoming: image-level label only, no mask."""
+    return {**_row(folder, name, split, label, source=f"incoming-{name}"), "mask": ""}
+
+
+def test_incoming_train_rows_need_no_mask(tmp_path):
+    rows = _good(tmp_path) + [_incoming(tmp_path, "e"), _incoming(tmp_path, "f", label=0)]
+    save_manifest(rows, tmp_path / "manifest.csv")
+    df = load_manifest(tmp_path / "manifest.csv", split="train")
+    assert df[df.source_id.str.startswith("incoming-")]["mask"].tolist() == ["", ""]
+
+
+def test_only_incoming_train_rows_may_omit_the_mask(tmp_path):
+    rows = _good(tmp_path)
+    rows[3]["mask"] = ""  # a crack test row without a mask
+    rows += [_incoming(tmp_path, "e", split="val"), _incoming(tmp_path, "f", split="test"),
+             {**_row(tmp_path, "g", source="incomingg"), "mask": ""}]  # not the incoming- prefix
+    msg = _load_error(tmp_path, rows)
+    assert "val/test and crack rows need a mask (incoming train rows excepted) on line(s) 5-8" in msg
 
 
 def test_duplicate_paths(tmp_path):

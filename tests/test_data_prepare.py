@@ -250,3 +250,139 @@ def test_real_prepare(dataset, tmp_path):
     assert _sources_disjoint(load_manifest(path))
     if dataset != "crack500":
         assert counts["test"]["rows"] == {"deepcrack": 237, "cfd": 48}[dataset]
+
+
+# ---- incoming images (retraining flow): train split only, rescaled, label kept, no mask
+
+INCOMING_COLUMNS = ("image", "mask", "label", "split", "dataset", "source_id", "height", "width",
+                    "sha256", "batch", "original", "added", "version")  # as pipelines/retrain.py writes them
+
+
+def _incoming(data: Path, dataset: str, shapes=((50, 70), (90, 64), (64, 64)), labels=(1, 0, 1)) -> list[dict]:
+    """``data/incoming/<dataset>`` as the retraining flow's ingest leaves it (content-addressed names)."""
+    import hashlib
+
+    folder = data / "incoming" / dataset
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(7)
+    rows = []
+    for i, ((h, w), label) in enumerate(zip(shapes, labels)):
+        ext = ".jpg" if i % 2 else ".png"
+        data_bytes = cv2.imencode(ext, rng.integers(0, 255, (h, w, 3), dtype=np.uint8))[1].tobytes()
+        sha = hashlib.sha256(data_bytes).hexdigest()
+        (folder / "images" / f"{sha[:20]}{ext}").write_bytes(data_bytes)
+        rows.append({"image": f"images/{sha[:20]}{ext}", "mask": "", "label": label, "split": "train",
+                     "dataset": dataset, "source_id": f"incoming-{sha[:20]}", "height": h, "width": w,
+                     "sha256": sha, "batch": "/srv/batch", "original": f"/srv/batch/x{i}{ext}",
+                     "added": "2025-01-01T00:00:00+00:00", "version": 1})
+    pd.DataFrame(rows, columns=list(INCOMING_COLUMNS)).to_csv(folder / "manifest.csv", index=False)
+    return rows
+
+
+def _version_log(data: Path, dataset: str, versions: int) -> Path:
+    """``data_versions/<dataset>.csv`` beside the data folder, with ``versions`` rows."""
+    log = data.parent / "data_versions" / f"{dataset}.csv"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["version,created,batch,added,quarantined,md5,nfiles,size"]
+    lines += [f"{v},2025-01-0{v}T00:00:00+00:00,/srv/batch,3,0,abc{v}.dir,3,1000" for v in range(1, versions + 1)]
+    log.write_text("\n".join(lines) + "\n")
+    return log
+
+
+def test_incoming_rows_join_the_training_split_only(tmp_path):
+    from wpcrack.data.datasets import WeakDataset
+
+    base = prepare(_cfg(tmp_path / "base" / "data"), "synthetic")
+    data = tmp_path / "repo" / "data"
+    _version_log(data, "synthetic", 1)
+    rows = _incoming(data, "synthetic")
+    path = prepare(_cfg(data), "synthetic")
+    df = load_manifest(path)
+    new = df[df.source_id.str.startswith("incoming-")]
+    assert len(new) == 3 and set(new.split) == {"train"}
+    assert new.source_id.tolist() == [r["source_id"] for r in rows]
+    assert new.label.tolist() == [1, 0, 1]  # image-level labels kept
+    assert (new["mask"] == "").all()  # no pixel labels
+    assert set(new.height) == set(new.width) == {32}  # rescaled like the synthetic training rows
+    for rel in new.image:
+        assert cv2.imread(str(path.parent / rel)).shape == (32, 32, 3)
+    # everything else is exactly what prepare makes without incoming data: val and test untouched
+    old = load_manifest(base)
+    assert df[~df.index.isin(new.index)].reset_index(drop=True).equals(old)
+    for rel in old[old.split != "train"].image:
+        assert (path.parent / rel).read_bytes() == (base.parent / rel).read_bytes()
+    counts = json.loads((path.parent / "counts.json").read_text())
+    assert counts["incoming"] == {"rows": 3, "crack": 2, "nocrack": 1}
+    assert json.loads((base.parent / "counts.json").read_text())["incoming"]["rows"] == 0
+    s = _cfg(data).prepare.synthetic
+    assert (counts["train"]["crack"], counts["train"]["nocrack"]) == (s.train_crack + 2, s.train_nocrack + 1)
+    # the training dataset yields them with an all-zero mask and has_mask False
+    ds = WeakDataset(path, "train", crop_size=24, augment=True, seed=0)
+    for i in np.flatnonzero(ds.frame.source_id.str.startswith("incoming-").to_numpy()):
+        item = ds[int(i)]
+        assert item["has_mask"] is False and item["mask"].shape == (1, 24, 24) and not item["mask"].any()
+        assert item["label"].item() == rows[int(i) - (len(ds) - 3)]["label"]
+
+
+@pytest.mark.parametrize("dataset,make,size", [("deepcrack", _fake_deepcrack, 24), ("cfd", _fake_cfd, 16),
+                                               ("crack500", _fake_crack500, 24)])
+def test_incoming_rows_are_rescaled_like_the_training_rows(tmp_path, dataset, make, size):
+    data = tmp_path / "data"
+    make(data / "raw" / dataset)
+    _incoming(data, dataset)
+    df = load_manifest(prepare(_cfg(data), dataset))
+    new = df[df.source_id.str.startswith("incoming-")]
+    assert len(new) == 3 and set(new.split) == {"train"} and (new["mask"] == "").all()
+    assert set(zip(new.height, new.width)) == {(size, size)}
+    assert set(zip(df[df.split == "train"].height, df[df.split == "train"].width)) == {(size, size)}
+
+
+def test_no_incoming_data_with_an_empty_version_log(tmp_path):
+    data = tmp_path / "data"
+    _version_log(data, "synthetic", 0)  # header only, as committed for every dataset
+    path = prepare(_cfg(data), "synthetic")
+    assert not load_manifest(path).source_id.str.startswith("incoming-").any()
+
+
+def test_missing_incoming_folder_with_versions_logged(tmp_path):
+    data = tmp_path / "data"
+    _version_log(data, "synthetic", 2)
+    with pytest.raises(DataError, match=r"incoming/synthetic: missing, but .*data_versions/synthetic\.csv lists "
+                                        r"2 version\(s\).*run `dvc checkout data_versions/synthetic\.dvc`") as err:
+        prepare(_cfg(data), "synthetic")
+    assert "\n" not in str(err.value)
+    assert not (data / "prepared" / "synthetic").exists()
+
+
+def test_corrupt_incoming_image(tmp_path):
+    data = tmp_path / "data"
+    rows = _incoming(data, "synthetic")
+    bad = data / "incoming" / "synthetic" / rows[1]["image"]
+    bad.write_bytes(b"\xff\xd8 garbage")
+    with pytest.raises(DataError, match=rf"{bad.name}: cannot be decoded as an image.*dvc checkout") as err:
+        prepare(_cfg(data), "synthetic")
+    assert str(bad) in str(err.value) and "\n" not in str(err.value)
+    assert not (data / "prepared" / "synthetic").exists()
+
+
+def test_incoming_image_that_differs_from_its_checksum(tmp_path):
+    data = tmp_path / "data"
+    rows = _incoming(data, "synthetic")
+    bad = data / "incoming" / "synthetic" / rows[0]["image"]
+    bad.write_bytes(cv2.imencode(".png", np.zeros((40, 40, 3), np.uint8))[1].tobytes())  # decodes, wrong bytes
+    with pytest.raises(DataError, match=rf"{bad.name}: content differs from its sha256"):
+        prepare(_cfg(data), "synthetic")
+
+
+@pytest.mark.parametrize("column,value,problem", [
+    ("split", "test", r"incoming rows are training data only \(split must be train\)"),
+    ("label", "2", "label must be 0 or 1"),
+    ("source_id", "x", "source_id must start with 'incoming-'"), ("dataset", "cfd", "dataset must be synthetic"),
+])
+def test_bad_incoming_manifest(tmp_path, column, value, problem):
+    data = tmp_path / "data"
+    rows = _incoming(data, "synthetic")
+    rows[2][column] = value
+    pd.DataFrame(rows).to_csv(data / "incoming" / "synthetic" / "manifest.csv", index=False)
+    with pytest.raises(DataError, match=rf"incoming/synthetic/manifest\.csv: {problem}.*line\(s\) 4"):
+        prepare(_cfg(data), "synthetic")

@@ -20,8 +20,8 @@ TINY = ["model.cam_channels=16", "model.paam_channels=8", "model.paam_reduction=
         "model.decoder_channels=8", "pseudo_labels.workers=0", "pseudo_labels.iterations=2", "train.lr=0.05"]
 
 
-def _cfg(*overrides: str):
-    return load_config(PARAMS, dataset="synthetic", profile="smoke", overrides=[*TINY, *overrides])
+def _cfg(*overrides: str, variant: str = "full"):
+    return load_config(PARAMS, dataset="synthetic", variant=variant, profile="smoke", overrides=[*TINY, *overrides])
 
 
 def _batch(seed: int = 0, size: int = 32) -> Batch:
@@ -39,9 +39,8 @@ def _snapshot(model) -> dict[str, dict[str, torch.Tensor]]:
     """Parameters and buffers (BatchNorm statistics) of each network."""
     parts = {"classifier": model.classifier, "reconstructor": model.reconstructor}
     out = {name: {k: v.detach().clone() for k, v in m.state_dict().items()} for name, m in parts.items()}
-    out["detector"] = {
-        f"{n}.{k}": v.detach().clone() for n, m in model.named_children() if n not in parts for k, v in m.state_dict().items()
-    }
+    out["detector"] = {f"{n}.{k}": v.detach().clone() for n, m in model.named_children() if n not in parts
+                       for k, v in m.state_dict().items()}
     return out
 
 
@@ -120,6 +119,16 @@ def test_without_adversarial_training_the_classifier_has_no_reconstruction_terms
     assert result.losses["cls_recon2_c"] == 0 and result.losses["cls_recon2_r"] == 0
     assert result.losses["cls_cec"] > 0  # CECCM stays on
     assert "rec_recon1_c" in result.losses  # the reconstructor still trains (Rec.E feeds the detector)
+
+
+def test_classifier_only_baseline_never_runs_the_reconstructor():
+    cfg = _cfg("train.detector_target=mask", variant="cls_only")
+    model = build_model(cfg)
+    optimizers = build_optimizers(model, cfg, max_iterations=10)
+    before = _snapshot(model)
+    result = train_step(model, optimizers, _batch(), cfg, Runtime(torch.device("cpu")), pool=None)
+    assert _changed(before, _snapshot(model)) == {"classifier", "detector"}
+    assert not any(k.startswith("rec_") for k in result.losses) and result.losses["cls_cec"] == 0
 
 
 def test_pseudo_labels_come_from_the_crf_pool_and_empty_ones_are_skipped():

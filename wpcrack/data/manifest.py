@@ -19,6 +19,7 @@ from wpcrack.io import atomic_path
 
 COLUMNS = ("image", "mask", "label", "split", "dataset", "source_id", "height", "width")
 SPLITS = ("train", "val", "test")
+INCOMING_PREFIX = "incoming-"  # source_id of rows from data/incoming (pipelines/retrain.py)
 _MAX_EXAMPLES = 3
 
 
@@ -49,7 +50,9 @@ def _row_checks(base: Path) -> list[pa.Check]:
         return lambda df: df[col].map(lambda r: not r or not (base / r).is_file() or size(r) is not None)
 
     def mask_required(df: pd.DataFrame) -> pd.Series:
-        needed = df["split"].isin(["val", "test"]) | df["label"].eq(1).fillna(False)
+        # incoming train rows (retraining flow) carry an image-level label only: no pixel mask
+        incoming = df["split"].eq("train") & df["source_id"].astype(str).str.startswith(INCOMING_PREFIX)
+        needed = df["split"].isin(["val", "test"]) | (df["label"].eq(1).fillna(False) & ~incoming)
         return ~needed | (df["mask"] != "")
 
     def size_matches(df: pd.DataFrame) -> pd.Series:
@@ -73,7 +76,8 @@ def _row_checks(base: Path) -> list[pa.Check]:
         pa.Check(readable("image"), name="image_readable", error="image file is not a readable image"),
         pa.Check(exists("mask"), name="mask_exists", error="mask file not found"),
         pa.Check(readable("mask"), name="mask_readable", error="mask file is not a readable image"),
-        pa.Check(mask_required, name="mask_required", error="val/test and crack rows need a mask"),
+        pa.Check(mask_required, name="mask_required",
+                 error="val/test and crack rows need a mask (incoming train rows excepted)"),
         pa.Check(size_matches, name="size_matches", error="image size differs from height/width"),
         pa.Check(mask_matches, name="mask_matches", error="mask size differs from image size"),
         pa.Check(one_split, name="one_split", error="source_id appears in more than one split"),
@@ -87,7 +91,7 @@ def schema(base: Path) -> pa.DataFrameSchema:
     return pa.DataFrameSchema(
         {
             "image": text,
-            "mask": pa.Column(str),  # "" = no mask (allowed only for train no-crack rows)
+            "mask": pa.Column(str),  # "" = no mask (only train no-crack rows and incoming train rows)
             "label": pa.Column("Int64", pa.Check.isin([0, 1])),
             "split": pa.Column(str, pa.Check.isin(list(SPLITS))),
             "dataset": text,

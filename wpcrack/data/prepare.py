@@ -11,10 +11,15 @@ supervised upper bound, and never reach the weakly-supervised losses.
 
 Training rows are rescaled to a square size (aspect ratio not kept, as in the paper); test rows keep
 their original resolution and their original image bytes (evaluation applies dataset rules itself).
+
+Newly collected images ingested by the retraining flow (``<paths.data>/incoming/<dataset>/`` with its
+``manifest.csv``) are added to the training split only, rescaled like the dataset's training rows,
+with their image-level label and no mask (they have no pixel labels).
 """
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -77,6 +82,12 @@ class _Writer:
         write_image(self.root / image, rgb)
         write_image(self.root / mask_rel, mask.astype(np.uint8) * 255)
         self.rows.append(Row(image, mask_rel, label, split, self.dataset, source_id, *rgb.shape[:2]))
+
+    def add_unmasked(self, split: str, name: str, rgb: np.ndarray, label: int, source_id: str) -> None:
+        """A row with an image-level label only (incoming data): no mask file, ``mask`` empty."""
+        image, _ = self._paths(split, name, ".png")
+        write_image(self.root / image, rgb)
+        self.rows.append(Row(image, "", label, split, self.dataset, source_id, *rgb.shape[:2]))
 
     def add_original(self, split: str, item: Item, min_pixels: int) -> None:
         """A test row: the original image bytes (decoded once to validate) and its mask as 0/255 PNG."""
@@ -303,6 +314,103 @@ BUILDERS: dict[str, Callable[[PrepareConfig, Path, _Writer], dict]] = {
 }
 
 
+def train_size(p: PrepareConfig, dataset: str) -> int:
+    """Side of the square training rows of ``dataset`` (what incoming images are rescaled to)."""
+    return {"synthetic": p.synthetic.size, "deepcrack": p.deepcrack.image_size, "cfd": p.cfd.patch_size,
+            "crack500": p.crack500.image_size}[dataset]
+
+
+def versions_log(data_root: Path, dataset: str) -> Path:
+    """``data_versions/<dataset>.csv`` beside the data folder (the repository root for ``paths.data: data``)."""
+    return Path(data_root).parent / "data_versions" / f"{dataset}.csv"
+
+
+def _logged_versions(log: Path) -> int:
+    """Number of versions listed in the retraining flow's version log (0 if absent or header only)."""
+    import pandas as pd
+
+    if not log.is_file():
+        return 0
+    try:
+        return len(pd.read_csv(log, dtype=str, keep_default_na=False))
+    except pd.errors.EmptyDataError:
+        return 0
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DataError(log, f"not a readable CSV ({exc.__class__.__name__})") from None
+
+
+def _incoming_rows(root: Path, dataset: str):
+    """The incoming manifest of ``dataset`` as a DataFrame (None when there is no incoming data).
+
+    A version log that lists versions while the folder (or its manifest) is missing means the images
+    were not checked out from the DVC cache: that is an error, not "no incoming data"."""
+    import pandas as pd
+
+    from wpcrack.data.manifest import INCOMING_PREFIX  # incoming-<sha256[:20]>, as pipelines/retrain.py writes
+
+    folder = root / "incoming" / dataset
+    manifest = folder / "manifest.csv"
+    log = versions_log(root, dataset)
+    if not manifest.is_file():
+        n = _logged_versions(log)
+        if n:
+            what = folder if not folder.is_dir() else manifest
+            raise DataError(what, f"missing, but {log} lists {n} version(s) of the incoming images; "
+                            f"run `dvc checkout data_versions/{dataset}.dvc` first")
+        return None
+    try:
+        df = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        return None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DataError(manifest, f"not a readable CSV ({exc.__class__.__name__})") from None
+    missing = [c for c in ("image", "label", "source_id") if c not in df.columns]
+    if missing:
+        raise DataError(manifest, f"incoming manifest lacks column(s) {', '.join(missing)}")
+    checks = [
+        (~df["label"].str.strip().isin(["0", "1"]), "label must be 0 or 1"),
+        (~df["source_id"].str.startswith(INCOMING_PREFIX), f"source_id must start with {INCOMING_PREFIX!r}"),
+        (df["image"].str.strip().eq(""), "image path is empty"),
+    ]
+    if "split" in df.columns:
+        checks.append((~df["split"].isin(["", "train"]), "incoming rows are training data only (split must be train)"))
+    if "dataset" in df.columns:
+        checks.append((~df["dataset"].isin(["", dataset]), f"dataset must be {dataset}"))
+    if "mask" in df.columns:
+        checks.append((df["mask"].ne(""), "incoming rows have no mask (mask must be empty)"))
+    for bad, problem in checks:
+        if bad.any():
+            lines = ", ".join(str(i + 2) for i in df.index[bad][:10])
+            raise DataError(manifest, f"{problem} (line(s) {lines})")
+    return df
+
+
+def _incoming(p: PrepareConfig, root: Path, writer: _Writer) -> dict:
+    """Add the incoming images to the training split: rescaled like the training rows, label kept, no mask."""
+    dataset = writer.dataset
+    df = _incoming_rows(root, dataset)
+    if df is None or df.empty:
+        return {"rows": 0, "crack": 0, "nocrack": 0}
+    folder = root / "incoming" / dataset
+    size = train_size(p, dataset)
+    for row in _progress(df.to_dict("records"), f"{dataset} incoming"):
+        path = folder / row["image"]
+        if not path.resolve().is_relative_to(folder.resolve()):
+            raise DataError(path, "incoming image path leaves the incoming folder")
+        checkout = f"run `dvc checkout data_versions/{dataset}.dvc` to restore the incoming images"
+        try:
+            rgb = read_image(path)
+        except DataError as exc:
+            raise DataError(path, f"{exc.problem}; incoming images are validated at ingestion, so the file "
+                            f"is corrupt or was never checked out ({checkout})") from None
+        if row.get("sha256") and hashlib.sha256(path.read_bytes()).hexdigest() != row["sha256"]:
+            raise DataError(path, f"content differs from its sha256 in {folder / 'manifest.csv'} (corrupt; {checkout})")
+        writer.add_unmasked("train", f"incoming-{Path(row['image']).stem}", resize(rgb, size),
+                            int(row["label"]), row["source_id"])
+    crack = int(df["label"].astype(int).sum())
+    return {"rows": len(df), "crack": crack, "nocrack": len(df) - crack}
+
+
 def _progress(items: list, desc: str):
     from tqdm import tqdm
 
@@ -337,10 +445,13 @@ def prepare(cfg: Config, dataset: str) -> Path:
         extra = BUILDERS[dataset](cfg.prepare, raw, writer)
         if not writer.rows:
             raise DataError(raw, "no rows were produced")
+        extra["incoming"] = _incoming(cfg.prepare, root, writer)
         save_manifest([asdict(r) for r in writer.rows], tmp / "manifest.csv", name=out / "manifest.csv")
         summary = counts(writer.rows, dataset, extra)
         write_json(tmp / "counts.json", summary)
         write_json(tmp / "split.json", {s: sorted({r.source_id for r in writer.rows if r.split == s}) for s in SPLITS})
+    added = summary["incoming"]["rows"]
     print(f"{dataset}: " + "; ".join(f"{s} {summary[s]['crack']} crack + {summary[s]['nocrack']} no-crack"
-                                     for s in SPLITS) + f" -> {out}")
+                                     for s in SPLITS) + (f" (train incl. {added} incoming)" if added else "")
+          + f" -> {out}")
     return out / "manifest.csv"

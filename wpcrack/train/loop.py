@@ -37,6 +37,7 @@ from wpcrack.train.optim import Optimizers, build_optimizers, freeze_batchnorm
 from wpcrack.train.phases import Batch, Runtime, train_step
 
 TIMING_KEYS = ("rec_s", "cls_s", "det_s", "crf_wait_s", "data_s")
+TOTALS = ("rec_total", "cls_total", "det_total")
 
 
 @dataclass
@@ -49,7 +50,6 @@ class RunState:
     best_epoch: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # summed over every step of the run
-    timed_steps: int = 0
 
 
 def train(cfg: Config, out_dir: str | Path, resume: bool = False, *, track: bool = True) -> dict[str, Any]:
@@ -164,20 +164,19 @@ def _train_epoch(model, optimizers: Optimizers, loader: DataLoader, steps: int, 
             diag += confusion([p for p, m in zip(result.pseudo_labels, has_mask) if m], masks[has_mask])
             kept += sum(result.kept)
             labelled += len(result.kept)
-        progress.set_postfix({k.split("_")[0]: f"{sums[k] / counts[k]:.3f}" for k in ("rec_total", "cls_total", "det_total")
-                              if counts[k]})
+        progress.set_postfix({k.split("_")[0]: f"{sums[k] / counts[k]:.3f}" for k in TOTALS if counts[k]})
         progress.update()
         t_data = time.perf_counter()
     progress.close()
 
     n = max(steps, 1)
     run.step += steps
-    run.timed_steps += steps
     for key, value in seconds.items():
         run.seconds[key] = run.seconds.get(key, 0.0) + value
     group = optimizers.classifier.param_groups[0]
     row = {"epoch": epoch + 1, "lr": cfg.train.lr * group["lr"] / group["initial_lr"]}
     row |= {key: sums[key] / counts[key] for key in sorted(sums)}
+    # Every CRF label counts in the diagnostic, kept or not: it measures the pseudo labels themselves.
     row |= {"pseudo_label_iou": iou_of(diag), "pseudo_label_kept": kept / labelled if labelled else math.nan}
     return row | _timing({k: seconds.get(k, 0.0) / n for k in ("step_s", *TIMING_KEYS)})
 
@@ -314,7 +313,8 @@ def _write_config(cfg: Config, out_dir: Path) -> str:
 
 
 def _numeric(row: dict[str, float]) -> dict[str, float]:
-    return {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    """A history row as MLflow metrics: finite numbers only, the epoch is the step."""
+    return {k: float(v) for k, v in row.items() if k != "epoch" and isinstance(v, (int, float)) and math.isfinite(v)}
 
 
 def _json_safe(row: dict[str, float]) -> dict[str, float | None]:
@@ -326,7 +326,7 @@ def _write_metrics(run: RunState, out_dir: Path) -> dict[str, Any]:
     """train_metrics.json and history.csv from the run so far."""
     final = run.history[-1] if run.history else {}
     best = next((r for r in run.history if r["epoch"] == run.best_epoch), {})
-    n = max(run.timed_steps, 1)
+    n = max(run.step, 1)
     timing = _timing({"step_s": run.seconds.get("step_s", 0.0) / n,
                       **{k: run.seconds.get(k, 0.0) / n for k in TIMING_KEYS}})
     metrics = {
@@ -351,8 +351,10 @@ def _write_metrics(run: RunState, out_dir: Path) -> dict[str, Any]:
 
 
 def _summary(row: dict[str, float], run: RunState, epochs: int) -> str:
-    losses = " ".join(f"{k.split('_')[0]} {row[k]:.3f}" for k in ("rec_total", "cls_total", "det_total") if k in row)
-    val = f" | val {row['val_score']:.3f}{' (best)' if run.best_epoch == row['epoch'] else ''}" if "val_score" in row else ""
+    losses = " ".join(f"{k.split('_')[0]} {row[k]:.3f}" for k in TOTALS if k in row)
+    val = ""
+    if "val_score" in row:
+        val = f" | val {row['val_score']:.3f}{' (best)' if run.best_epoch == row['epoch'] else ''}"
     return (f"epoch {row['epoch']}/{epochs}: {losses} | pseudo-label IoU {row['pseudo_label_iou']:.3f}{val} | "
             f"{row['s_per_iter']:.2f} s/it, CRF wait {100 * _zero_if_nan(row['crf_wait_share']):.0f}%")
 

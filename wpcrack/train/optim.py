@@ -17,10 +17,12 @@ from torch import nn
 from torch.optim.lr_scheduler import PolynomialLR
 
 from wpcrack.config import Config
+from wpcrack.models.backbones import Backbone
 
-# ACR / WP-CrackNet release: (weights, biases) multipliers of pretrained and new layers.
-PRETRAINED_LR_MULT = (1.0, 2.0)
-SCRATCH_LR_MULT = (10.0, 20.0)
+# ACR / WP-CrackNet release: lr multipliers (weights, biases and norm parameters) of pretrained
+# layers (and of every layer when nothing is pretrained) and of new layers.
+BASE_LR_MULT = (1.0, 2.0)
+NEW_LAYER_LR_MULT = (10.0, 20.0)
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)
 
@@ -46,8 +48,6 @@ def freeze_batchnorm(model: nn.Module) -> None:
 
 def _poly_groups(net: nn.Module, cfg: Config) -> list[dict]:
     """ACR's four groups (pretrained/new x weights/biases)."""
-    from wpcrack.models.backbones import Backbone
-
     pretrained = cfg.model.pretrained or cfg.model.weights_path is not None
     backbone_ids = {id(p) for m in net.modules() if isinstance(m, Backbone) for p in m.parameters()}
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
@@ -57,7 +57,7 @@ def _poly_groups(net: nn.Module, cfg: Config) -> list[dict]:
             groups.setdefault((base_rate, p.ndim <= 1), []).append(p)
     out = []
     for (base_rate, is_bias), params in sorted(groups.items()):
-        mult = (PRETRAINED_LR_MULT if base_rate else SCRATCH_LR_MULT)[int(is_bias)]
+        mult = (BASE_LR_MULT if base_rate else NEW_LAYER_LR_MULT)[int(is_bias)]
         out.append({
             "params": params,
             "lr": cfg.train.lr * mult,

@@ -18,6 +18,10 @@ Phase (c) reuses the mid features that (a) and (b) computed without gradient (th
 before its update in (b), the reconstructor's after its update in (a)), instead of running both
 backbones a third time. With ``detach_detector_features: false`` it runs them again with gradients
 and the detector loss also trains both encoders.
+
+Not taken from ACR: its random grid erasing of the CAM in the reconstructor step (the paper does
+not describe it). When nothing uses the reconstructor (``cls_only``: no adversarial game, no
+CECCM, detector on Cls features) it is neither run nor trained.
 """
 
 from __future__ import annotations
