@@ -14,6 +14,7 @@ from pathlib import Path
 from wpcrack.errors import WpcrackError
 
 MIRROR_ENV = "WPCRACK_MIRROR"
+NPROC_ENV = "WPCRACK_NPROC"  # `wpcrack train` with N > 1 re-launches itself under torchrun (N processes)
 
 
 def _config(args: argparse.Namespace, dataset: str | None, variant: str = "full"):
@@ -48,6 +49,31 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     model_dir, _ = _run_dirs(cfg, args.dataset, args.variant)
     train(cfg, out_dir=Path(args.out) if args.out else model_dir, resume=args.resume)
+
+
+def torchrun_command(nproc: str, argv: list[str]) -> list[str]:
+    """``torchrun --standalone --nproc_per_node=NPROC -m wpcrack ARGV`` with this interpreter."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "wpcrack", *argv]
+
+
+def _nproc_from_env() -> str | None:
+    """``$WPCRACK_NPROC`` when it asks for several processes and this is not already one of them:
+    an integer > 1, or ``gpu`` (one per visible GPU)."""
+    from wpcrack.errors import ConfigError
+
+    value = os.environ.get(NPROC_ENV, "").strip().lower()
+    if not value or "WORLD_SIZE" in os.environ:  # unset, or already started by torchrun
+        return None
+    if value == "gpu":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise ConfigError(f"${NPROC_ENV}={value!r}: expected a number of processes or 'gpu'") from None
+    if n < 1:
+        raise ConfigError(f"${NPROC_ENV}={value!r}: expected a number of processes >= 1 or 'gpu'")
+    return str(n) if n > 1 else None
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -191,8 +217,16 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
+        nproc = _nproc_from_env() if args.command == "train" else None
+        if nproc is not None:
+            # Replace this process (DVC and Prefect keep waiting on the same pid; torchrun forwards
+            # signals to the workers and exits non-zero when one fails).
+            command = torchrun_command(nproc, argv)
+            print(f"wpcrack train: {NPROC_ENV}={nproc}, running {' '.join(command[1:])}", file=sys.stderr, flush=True)
+            os.execv(command[0], command)
         args.func(args)
     except WpcrackError as exc:
         print(f"wpcrack {args.command}: error: {exc}", file=sys.stderr)

@@ -6,6 +6,14 @@ in a comment), ``train_metrics.json`` (final and best values, timing), ``history
 epoch). Checkpoints are written only at epoch ends, so a killed or failed run keeps the last good
 one and ``--resume`` replays the interrupted epoch exactly: on the CPU a resumed run ends with the
 same weights as an uninterrupted one (on a GPU, kernels are not bitwise deterministic).
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) every process trains on its shard of the training split
+(``DistributedSampler``, seeded, a new order each epoch) with ``batch_size`` images per process
+(global batch = processes x ``batch_size``, and an epoch has 1/processes as many steps); the
+gradients of each phase are averaged over the processes (``wpcrack.train.distributed``), each
+process runs its own CRF pool (``pseudo_labels.workers`` per process), validation is sharded and
+its counts summed, so every process selects the same best epoch; only rank 0 writes files, logs to
+MLflow and shows progress. ``--resume`` needs the same number of processes.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from wpcrack.cam import crack_cam
 from wpcrack.config import Config
@@ -33,6 +41,7 @@ from wpcrack.errors import ConfigError, TrainingError
 from wpcrack.io import atomic_path, write_json
 from wpcrack.pseudo_labels import CRFPool, confusion, iou_of
 from wpcrack.train import checkpoint
+from wpcrack.train.distributed import World, process_group
 from wpcrack.train.optim import Optimizers, build_optimizers, freeze_batchnorm
 from wpcrack.train.phases import Batch, Runtime, train_step
 
@@ -49,24 +58,34 @@ class RunState:
     best_score: float = -math.inf
     best_epoch: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=dict)  # summed over every step of the run
+    seconds: dict[str, float] = field(default_factory=dict)  # summed over every step of the run (rank 0's)
+    world_size: int = 1  # training processes (torchrun); a resumed run needs the same number
 
 
 def train(cfg: Config, out_dir: str | Path, resume: bool = False, *, track: bool = True) -> dict[str, Any]:
     """Train WP-CrackNet (or a variant) on ``data/prepared/<dataset>``; returns train_metrics.json's dict.
 
     ``resume`` continues from ``out_dir/checkpoint.pt`` when there is one (same configuration
-    required). ``track`` False skips MLflow (tests).
+    required). ``track`` False skips MLflow (tests). Launched by torchrun (``WORLD_SIZE`` > 1), it
+    joins the process group (initialised here unless it already is) and trains data-parallel.
     """
     if cfg.dataset is None:
         raise ConfigError("train needs a dataset")
+    world = World.from_env()
+    with process_group(world):
+        return _train(cfg, Path(out_dir), resume, track, world)
+
+
+def _train(cfg: Config, out_dir: Path, resume: bool, track: bool, world: World) -> dict[str, Any]:
+    from torch.utils.data.distributed import DistributedSampler
+
     from wpcrack.data.datasets import WeakDataset
     from wpcrack.models.wpcracknet import build_model
 
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    main = world.is_main
     t = cfg.train
-    runtime = Runtime.for_config(cfg)
+    runtime = Runtime.for_config(cfg, world)
     manifest = Path(cfg.paths.data) / "prepared" / cfg.dataset / "manifest.csv"
     train_set = WeakDataset(manifest, "train", crop_size=t.crop_size, augment=True, seed=t.seed)
     val_set = WeakDataset(manifest, "val")
@@ -74,12 +93,16 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, *, track: bool
     with _deterministic(runtime):
         _seed_everything(t.seed)
         generator = torch.Generator().manual_seed(t.seed)
+        # Disjoint shards per process (padded by repeating rows to equal length), reshuffled each epoch.
+        sampler = DistributedSampler(train_set, num_replicas=world.size, rank=world.rank, shuffle=True,
+                                     seed=t.seed) if world.enabled else None
+        rows = len(sampler) if sampler is not None else len(train_set)
         # No persistent workers: they draw their seed from the generator once per run, not once per
         # epoch, so a resumed run would shuffle differently.
         loader = DataLoader(
-            train_set, batch_size=t.batch_size, shuffle=True, drop_last=len(train_set) >= t.batch_size,
-            num_workers=t.num_workers, generator=generator, worker_init_fn=_seed_worker,
-            pin_memory=runtime.device.type == "cuda",
+            train_set, batch_size=t.batch_size, shuffle=sampler is None, sampler=sampler,
+            drop_last=rows >= t.batch_size, num_workers=t.num_workers, generator=generator,
+            worker_init_fn=_seed_worker, pin_memory=runtime.device.type == "cuda",
         )
         steps = min(len(loader), t.max_steps_per_epoch or len(loader))
         model = build_model(cfg)
@@ -87,40 +110,49 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, *, track: bool
             freeze_batchnorm(model)
         model.to(runtime.device, memory_format=torch.channels_last if runtime.channels_last else torch.preserve_format)
         optimizers = build_optimizers(model, cfg, max_iterations=t.epochs * steps)
-        run = RunState()
+        run = RunState(world_size=world.size)
         if resume and (out_dir / checkpoint.CHECKPOINT).is_file():
-            run = _restore(out_dir / checkpoint.CHECKPOINT, cfg, model, optimizers, generator)
-        commit = _write_config(cfg, out_dir)
+            run = _restore(out_dir / checkpoint.CHECKPOINT, cfg, model, optimizers, generator, world)
+        world.broadcast_model(model)  # already equal (same seed); made certain, as DDP does
+        commit = _write_config(cfg, out_dir) if main else ""
 
-        with CRFPool(cfg.pseudo_labels) as pool, _tracking(cfg, track) as tracker:
+        with CRFPool(cfg.pseudo_labels) as pool, _tracking(cfg, track and main) as tracker:
             tracker.log_params(cfg.to_dict())
+            if world.enabled:
+                tracker.log_params({"dist": {"world_size": world.size, "global_batch_size": world.size * t.batch_size}})
             for row in run.history:
                 tracker.log_metrics(_numeric(row), step=int(row["epoch"]))
             pool.warm_up()
             examples: list[dict] = []
             for epoch in range(run.epoch, t.epochs):
                 train_set.set_epoch(epoch)
+                if sampler is not None:
+                    sampler.set_epoch(epoch)
                 row = _train_epoch(model, optimizers, loader, steps, cfg, runtime, pool, epoch, run, out_dir)
                 if (epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs:
                     val, examples = validate(model, val_set, cfg, runtime, pool)
                     row |= val
                     if val["val_score"] > run.best_score:
                         run.best_score, run.best_epoch = val["val_score"], epoch + 1
-                        checkpoint.save(out_dir / checkpoint.BEST, {
-                            "model": model.state_dict(), "config": cfg.to_dict(), "epoch": epoch + 1,
-                            "val_score": val["val_score"], "git_commit": commit,
-                        })
+                        if main:
+                            checkpoint.save(out_dir / checkpoint.BEST, {
+                                "model": model.state_dict(), "config": cfg.to_dict(), "epoch": epoch + 1,
+                                "val_score": val["val_score"], "git_commit": commit,
+                            })
                 run.history.append(row)
                 run.epoch = epoch + 1
-                checkpoint.save(out_dir / checkpoint.CHECKPOINT, {
-                    "model": model.state_dict(), **optimizers.state_dict(), "rng": checkpoint.rng_state(generator),
-                    "run": asdict(run), "config": cfg.to_dict(), "git_commit": commit,
-                })
-                _write_metrics(run, out_dir)
-                tracker.log_metrics(_numeric(row), step=epoch + 1)
-                print(_summary(row, run, t.epochs), flush=True)
-            metrics = _write_metrics(run, out_dir)
-            _log_outputs(tracker, model, out_dir, examples, cfg)
+                if main:
+                    checkpoint.save(out_dir / checkpoint.CHECKPOINT, {
+                        "model": model.state_dict(), **optimizers.state_dict(),
+                        "rng": checkpoint.rng_state(generator), "run": asdict(run), "config": cfg.to_dict(),
+                        "git_commit": commit,
+                    })
+                    _write_metrics(run, out_dir)
+                    tracker.log_metrics(_numeric(row), step=epoch + 1)
+                    print(_summary(row, run, t.epochs), flush=True)
+            metrics = _write_metrics(run, out_dir, write=main)
+            if main:
+                _log_outputs(tracker, model, out_dir, examples, cfg)
     return metrics
 
 
@@ -138,7 +170,8 @@ def _train_epoch(model, optimizers: Optimizers, loader: DataLoader, steps: int, 
     diag = np.zeros(3, dtype=np.int64)
     kept = labelled = 0
     train_detector = epoch >= cfg.train.detector_warmup_epochs
-    progress = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, disable=None)
+    progress = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
+                    disable=None if runtime.world.is_main else True)
     t_data = time.perf_counter()
     for i, raw in enumerate(loader):
         if i >= steps:
@@ -168,6 +201,9 @@ def _train_epoch(model, optimizers: Optimizers, loader: DataLoader, steps: int, 
         progress.update()
         t_data = time.perf_counter()
     progress.close()
+    if runtime.world.enabled:  # the row describes every process's batches (timing stays rank 0's)
+        mine = (dict(sums), dict(counts), diag, kept, labelled)
+        sums, counts, diag, kept, labelled = _merge(runtime.world.gather(mine))
 
     n = max(steps, 1)
     run.step += steps
@@ -179,6 +215,22 @@ def _train_epoch(model, optimizers: Optimizers, loader: DataLoader, steps: int, 
     # Every CRF label counts in the diagnostic, kept or not: it measures the pseudo labels themselves.
     row |= {"pseudo_label_iou": iou_of(diag), "pseudo_label_kept": kept / labelled if labelled else math.nan}
     return row | _timing({k: seconds.get(k, 0.0) / n for k in ("step_s", *TIMING_KEYS)})
+
+
+def _merge(parts: list[tuple]) -> tuple:
+    """Sum the per-rank (sums, counts, diag, kept, labelled) of ``_train_epoch``."""
+    sums: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    diag = np.zeros(3, dtype=np.int64)
+    kept = labelled = 0
+    for s, c, d, k, n in parts:
+        for key, value in s.items():
+            sums[key] += value
+        for key, value in c.items():
+            counts[key] += value
+        diag += d
+        kept, labelled = kept + k, labelled + n
+    return sums, counts, diag, kept, labelled
 
 
 def _timing(per_step: dict[str, float]) -> dict[str, float]:
@@ -205,8 +257,14 @@ def validate(model, val_set, cfg: Config, runtime: Runtime, pool: CRFPool) -> tu
     Terms without images (e.g. no no-crack val rows) are left out of the mean. The pixel masks of
     the val rows give ``val_diag_det_iou`` and ``val_diag_pseudo_iou``: monitoring only, never used
     for selection. The test split is never read here. Also returns a few crack examples for a figure.
+
+    With several processes each validates every ``world.size``-th image and the counts behind every
+    number are summed over them: the score is the one a single process computes, on every rank
+    (the examples come from this rank's share).
     """
-    loader = DataLoader(val_set, batch_size=1, shuffle=False)
+    world = runtime.world
+    shard = Subset(val_set, range(world.rank, len(val_set), world.size)) if world.enabled else val_set
+    loader = DataLoader(shard, batch_size=1, shuffle=False)
     model.eval()
     uses_rec = model.uses_rec
     right = np.zeros(2)
@@ -231,15 +289,20 @@ def validate(model, val_set, cfg: Config, runtime: Runtime, pool: CRFPool) -> tu
             else:
                 clean += int(np.count_nonzero(pred) < cfg.pseudo_labels.min_pixels)
     pseudo = pool.submit(rgbs, cams).result()
-    terms = {"val_agreement_iou": _zero_if_nan(iou_of(confusion(preds, pseudo)))} if rgbs else {}
+    with_mask = [i for i, m in enumerate(has_masks) if m]
+    agreement = confusion(preds, pseudo)
+    det_diag = confusion([preds[i] for i in with_mask], [masks[i] for i in with_mask])
+    pseudo_diag = confusion([pseudo[i] for i in with_mask], [masks[i] for i in with_mask])
+    n_crack = len(rgbs)
+    if world.enabled:
+        total = world.sum([*right, *seen, clean, n_crack, *agreement, *det_diag, *pseudo_diag]).round().astype(np.int64)
+        right, seen, (clean, n_crack) = total[0:2].astype(float), total[2:4].astype(float), total[4:6].tolist()
+        agreement, det_diag, pseudo_diag = total[6:9], total[9:12], total[12:15]
+    terms = {"val_agreement_iou": _zero_if_nan(iou_of(agreement))} if n_crack else {}
     terms["val_cls_accuracy"] = float(np.mean(right[seen > 0] / seen[seen > 0]))
     if seen[0]:
         terms["val_det_clean"] = float(clean / seen[0])
-    with_mask = [i for i, m in enumerate(has_masks) if m]
-    diag = {
-        "val_diag_det_iou": iou_of(confusion([preds[i] for i in with_mask], [masks[i] for i in with_mask])),
-        "val_diag_pseudo_iou": iou_of(confusion([pseudo[i] for i in with_mask], [masks[i] for i in with_mask])),
-    }
+    diag = {"val_diag_det_iou": iou_of(det_diag), "val_diag_pseudo_iou": iou_of(pseudo_diag)}
     examples = [
         {"rgb": rgbs[i], "cam": cams[i], "pseudo": pseudo[i], "pred": preds[i]}
         for i in range(min(len(rgbs), cfg.evaluate.figure_images))
@@ -284,11 +347,20 @@ def _deterministic(runtime: Runtime) -> Iterator[None]:
         torch.backends.cudnn.benchmark = previous[2]
 
 
-def _restore(path: Path, cfg: Config, model, optimizers: Optimizers, generator: torch.Generator) -> RunState:
-    """Load ``checkpoint.pt`` into the model, optimisers and random generators."""
+def _restore(path: Path, cfg: Config, model, optimizers: Optimizers, generator: torch.Generator,
+             world: World | None = None) -> RunState:
+    """Load ``checkpoint.pt`` into the model, optimisers and random generators (every process
+    restores rank 0's generators)."""
     from wpcrack.tracking import flatten
 
     state = checkpoint.load(path)
+    saved_size, size = int(state["run"].get("world_size", 1)), world.size if world is not None else 1
+    if saved_size != size:
+        raise TrainingError(
+            f"{path}: trained with {saved_size} process(es), this run has {size} (the data shards, steps per "
+            f"epoch and learning-rate schedule depend on it); resume with WPCRACK_NPROC={saved_size} "
+            "(or torchrun --nproc_per_node) or train without --resume to start over"
+        )
     saved, current = flatten(state["config"]), flatten(cfg.to_dict())
     changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
     if changed:
@@ -322,8 +394,8 @@ def _json_safe(row: dict[str, float]) -> dict[str, float | None]:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
 
 
-def _write_metrics(run: RunState, out_dir: Path) -> dict[str, Any]:
-    """train_metrics.json and history.csv from the run so far."""
+def _write_metrics(run: RunState, out_dir: Path, write: bool = True) -> dict[str, Any]:
+    """train_metrics.json and history.csv from the run so far (``write`` False: only the dict)."""
     final = run.history[-1] if run.history else {}
     best = next((r for r in run.history if r["epoch"] == run.best_epoch), {})
     n = max(run.step, 1)
@@ -332,6 +404,7 @@ def _write_metrics(run: RunState, out_dir: Path) -> dict[str, Any]:
     metrics = {
         "epochs": run.epoch,
         "steps": run.step,
+        "processes": run.world_size,
         "best_epoch": run.best_epoch,
         "val_score": _json_safe({"v": run.best_score})["v"],
         "pseudo_label_iou": _json_safe({"v": final.get("pseudo_label_iou", math.nan)})["v"],
@@ -339,6 +412,8 @@ def _write_metrics(run: RunState, out_dir: Path) -> dict[str, Any]:
         "final": _json_safe(final),
         "best": _json_safe({k: v for k, v in best.items() if k.startswith("val_") or k == "epoch"}),
     }
+    if not write:
+        return metrics
     write_json(out_dir / "train_metrics.json", metrics)
     columns = list(dict.fromkeys(k for row in run.history for k in row))
     buffer = io.StringIO()

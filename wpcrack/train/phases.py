@@ -19,6 +19,10 @@ before its update in (b), the reconstructor's after its update in (a)), instead 
 backbones a third time. With ``detach_detector_features: false`` it runs them again with gradients
 and the detector loss also trains both encoders.
 
+Under torchrun each phase averages its gradients over the processes before its optimiser steps
+(``_step`` with ``runtime.world``; see ``wpcrack.train.distributed``), so every rank takes the same
+step; a single process (``runtime.world`` is ``SINGLE``) is untouched.
+
 Not taken from ACR: its random grid erasing of the CAM in the reconstructor step (the paper does
 not describe it). When nothing uses the reconstructor (``cls_only``: no adversarial game, no
 CECCM, detector on Cls features) it is neither run nor trained.
@@ -40,22 +44,26 @@ from wpcrack.config import Config
 from wpcrack.errors import TrainingError
 from wpcrack.losses import classifier_loss, detector_loss, reconstructor_loss
 from wpcrack.pseudo_labels import CRFHandle, CRFPool
+from wpcrack.train.distributed import SINGLE, World, average_gradients
 from wpcrack.train.optim import Optimizers, set_train_mode
 
 
 @dataclass
 class Runtime:
-    """Where and how tensors run: device, bf16 autocast and channels_last (both CUDA only)."""
+    """Where and how tensors run: device, bf16 autocast and channels_last (both CUDA only), and the
+    data-parallel world (``SINGLE``: one process, no collectives)."""
 
     device: torch.device
     amp: bool = False
     channels_last: bool = False
+    world: World = SINGLE
 
     @classmethod
-    def for_config(cls, cfg: Config) -> Runtime:
-        cuda = torch.cuda.is_available()
-        device = torch.device("cuda" if cuda else "cpu")
-        return cls(device, amp=cuda and cfg.train.amp, channels_last=cuda and cfg.train.channels_last)
+    def for_config(cls, cfg: Config, world: World = SINGLE) -> Runtime:
+        """``cuda`` (``cuda:LOCAL_RANK`` under torchrun) when there is a GPU, else the CPU."""
+        device = world.device()
+        cuda = device.type == "cuda"
+        return cls(device, amp=cuda and cfg.train.amp, channels_last=cuda and cfg.train.channels_last, world=world)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp)
@@ -145,18 +153,44 @@ def _check_finite(phase: str, total: Tensor, parts: dict[str, float]) -> None:
         raise TrainingError(f"{phase} loss is not finite ({detail})")
 
 
-def _step(optimizers: Iterable[torch.optim.Optimizer], phase: str, total: Tensor, parts: dict[str, float]) -> None:
+def _step(optimizers: Iterable[torch.optim.Optimizer], phase: str, total: Tensor | None, parts: dict[str, float],
+          world: World = SINGLE, weight: float = 1.0) -> None:
     """Backpropagate ``total`` and step ``optimizers``; a NaN/inf loss stops before any update.
 
     Gradients are dropped after the update: the next phase starts clean and no memory is held.
+    With several processes the gradients are averaged over them first (``average_gradients``,
+    ``weight`` this rank's share; ``total`` None: this rank has nothing to learn but joins the
+    average) and a loss that is not finite on any rank stops every rank.
     """
     optimizers = list(optimizers)
+    if world.enabled:
+        _distributed_step(optimizers, phase, total, parts, world, weight)
+        return
     _check_finite(phase, total, parts)
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     total.backward()
     for opt in optimizers:
         opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _distributed_step(optimizers: list[torch.optim.Optimizer], phase: str, total: Tensor | None,
+                      parts: dict[str, float], world: World, weight: float) -> None:
+    finite = total is None or bool(torch.isfinite(total.detach()).item())
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    if total is not None and finite and weight > 0:
+        total.backward()
+    params = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
+    summed, bad = average_gradients(params, world, weight if total is not None else 0.0, finite)
+    if bad:
+        detail = "" if finite else " (here: " + ", ".join(f"{k}={v:.4g}" for k, v in parts.items()) + ")"
+        raise TrainingError(f"{phase} loss is not finite on {bad} of {world.size} processes{detail}")
+    if summed > 0:
+        for opt in optimizers:
+            opt.step()
+    for opt in optimizers:
         opt.zero_grad(set_to_none=True)
 
 
@@ -192,7 +226,7 @@ def reconstructor_step(
         o_c, o_r = _reconstruct(model, z_c, m_c_c, batch.size) if len(z_c) else (x[:0], x[:0])
         m_rec_c = crack_cam(enc.cam[crack], batch.label[crack])
         total, parts = reconstructor_loss(enc.logits, batch.label, x[crack], o_c, o_r, m_rec_c, cfg.loss)
-    _step([optimizers.reconstructor], "reconstructor", total, parts)
+    _step([optimizers.reconstructor], "reconstructor", total, parts, runtime.world)
     return parts, carry
 
 
@@ -224,7 +258,7 @@ def classifier_step(
         total, parts = classifier_loss(
             cls_out.logits, batch.label, image_c, o_c_hat, o_r_hat, m_c, m_rec_c, cfg.loss, cfg.ceccm
         )
-    _step([optimizers.classifier], "classifier", total, parts)
+    _step([optimizers.classifier], "classifier", total, parts, runtime.world)
     return parts
 
 
@@ -253,11 +287,14 @@ def detector_step(
     if cfg.train.detector_target == "mask":
         valid &= batch.has_mask.to(valid.device)[crack]
     result.kept = valid.tolist()
+    detach = cfg.train.detach_detector_features
+    opts = [optimizers.detector] if detach else [optimizers.detector, optimizers.classifier, optimizers.reconstructor]
     if not bool(valid.any()):
+        if runtime.world.enabled:  # the other ranks may have images: join their gradient average
+            _step(opts, "detector", None, {}, runtime.world, weight=0.0)
         return result
 
     x = batch.image[crack][valid]
-    detach = cfg.train.detach_detector_features
     uses_rec = model.uses_rec
     trainable = detector_modules(model)
     if not detach:
@@ -271,8 +308,8 @@ def detector_step(
             rec_mid = model.reconstructor.encoder.backbone.forward_mid(x) if uses_rec else None
         logits = model.detect(cls_mid, rec_mid, batch.size)
         total, result.losses = detector_loss(logits, target[valid], pos_weight=cfg.loss.det_pos_weight)
-    opts = [optimizers.detector] if detach else [optimizers.detector, optimizers.classifier, optimizers.reconstructor]
-    _step(opts, "detector", total, result.losses)
+    # Weighted by this rank's images: the mean over the global detector batch, as in one process.
+    _step(opts, "detector", total, result.losses, runtime.world, weight=float(valid.sum()))
     return result
 
 
@@ -299,6 +336,7 @@ def train_step(
     seconds["crf_wait"] = result.seconds.get("crf_wait", 0.0)
     seconds["step"] = sum(seconds.values())
     optimizers.step_schedules(("classifier", "reconstructor") if need_rec else ("classifier",))
+    runtime.world.sync_buffers(model)  # BatchNorm statistics: the same model on every rank
     losses = {f"rec_{k}": v for k, v in rec_parts.items()}
     losses |= {f"cls_{k}": v for k, v in cls_parts.items()}
     losses |= {"det_total" if k == "det" else k: v for k, v in result.losses.items()}
