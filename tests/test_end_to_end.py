@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _shrink(params: dict) -> dict:
     params["prepare"]["synthetic"].update(size=64, train_crack=8, train_nocrack=8, val_crack=2, val_nocrack=2, test=3)
     smoke = params["profiles"]["smoke"]
-    smoke["train"].update(epochs=2, batch_size=4, crop_size=48, max_steps_per_epoch=2)
+    smoke["train"].update(epochs=2, batch_size=4, crop_size=48, max_steps_per_epoch=2, detector_warmup_epochs=0)
     smoke["benchmark"].update(batch_sizes=[1, 2], warmup=1, iterations=1)
     smoke.setdefault("evaluate", {})["figure_images"] = 2
     return params
@@ -29,6 +29,7 @@ def _shrink(params: dict) -> dict:
 def project(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("project")
     shutil.copytree(REPO / "wpcrack", root / "wpcrack", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "data_versions", root / "data_versions")
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     params = _shrink(yaml.safe_load((REPO / "params.yaml").read_text()))
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

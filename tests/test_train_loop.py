@@ -26,7 +26,7 @@ TINY_DATA = ["prepare.synthetic.size=64", "prepare.synthetic.train_crack=6", "pr
 TINY_RUN = ["model.cam_channels=16", "model.paam_channels=8", "model.paam_reduction=4", "model.detector_channels=8",
             "model.decoder_channels=8", "train.epochs=3", "train.batch_size=4", "train.crop_size=32",
             "train.max_steps_per_epoch=2", "pseudo_labels.workers=0", "pseudo_labels.iterations=2",
-            "pseudo_labels.min_pixels=0"]
+            "pseudo_labels.min_pixels=0", "train.detector_warmup_epochs=0"]
 
 
 def _cfg(data: Path, *overrides: str, tiny: bool = True):
@@ -121,23 +121,34 @@ def test_nan_loss_stops_with_the_epoch_and_keeps_the_last_good_checkpoint(tiny_d
     assert (tmp_path / "best.pt").is_file()
 
 
-def test_smoke_profile_detector_beats_all_background(tmp_path):
-    """The README's demo configuration, unchanged, on the default synthetic data set.
+# The smoke profile as the demo trains it, on fewer images and epochs so that the test stays short.
+SMOKE_SHORT = ["prepare.synthetic.train_crack=64", "prepare.synthetic.train_nocrack=64", "prepare.synthetic.val_crack=8",
+               "prepare.synthetic.val_nocrack=8", "prepare.synthetic.test=16", "train.epochs=8"]
 
-    The bar is the one an all-background prediction fails (IoU = F1 = 0). Beating the all-crack
-    prediction too is out of reach of this budget: the smoke classifier starts from random weights
-    and the release CRF settings empty most pseudo labels of the faint synthetic cracks.
+
+def test_smoke_profile_learns(tmp_path):
+    """The README's demo configuration (smoke profile, default synthetic images) really learns.
+
+    The detector, trained on CRF pseudo labels of the classifier's CAMs only, must segment the
+    test cracks: IoU above 0.2 and clearly above both trivial answers (all background: IoU 0;
+    all crack: IoU = the crack share of the pixels, a few %). The pseudo labels must be better
+    than the raw CAMs they come from, and the classifier must tell crack from no-crack images.
     """
-    cfg = _cfg(tmp_path / "data", tiny=False)
+    cfg = _cfg(tmp_path / "data", *SMOKE_SHORT, tiny=False)
+    assert cfg.profile == "smoke" and cfg.model.backbone == "tiny" and not cfg.model.pretrained
     prepare(cfg, "synthetic")
     metrics = train(cfg, tmp_path / "model", track=False)
     assert metrics["epochs"] == cfg.train.epochs
     assert all(math.isfinite(v) for k, v in metrics["final"].items() if k.endswith("_total"))
+    assert metrics["best"]["val_cls_accuracy"] >= 0.75
 
     model = build_model(cfg)
     model.load_state_dict(checkpoint.load(tmp_path / "model" / "best.pt")["model"])
     test = WeakDataset(tmp_path / "data/prepared/synthetic/manifest.csv", "test")
     items = [test[i] for i in range(len(test))]
+    masks = [it["mask"][0].numpy() for it in items]
     probs = model.predict(torch.stack([it["image"] for it in items]))[:, 0].numpy()
-    tp, fp, fn = confusion(list(probs > 0.5), [it["mask"][0].numpy() for it in items])
-    assert tp / (tp + fp + fn) > 0 and 2 * tp / (2 * tp + fp + fn) > 0
+    tp, fp, fn = confusion(list(probs > 0.5), masks)
+    iou = tp / (tp + fp + fn)
+    all_crack = sum(m.sum() for m in masks) / sum(m.size for m in masks)
+    assert iou > 0.2 and iou > 3 * all_crack, (iou, all_crack)

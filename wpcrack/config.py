@@ -21,7 +21,7 @@ import yaml
 from wpcrack.errors import ConfigError
 
 DATASET_NAMES = ("synthetic", "deepcrack", "cfd", "crack500")
-BACKBONES = ("resnet38d", "mobilenet_v2", "resnet18", "resnet50")
+BACKBONES = ("resnet38d", "mobilenet_v2", "resnet18", "resnet50", "tiny")
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ class PrepareConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    backbone: Literal["resnet38d", "mobilenet_v2", "resnet18", "resnet50"] = "mobilenet_v2"
+    backbone: Literal["resnet38d", "mobilenet_v2", "resnet18", "resnet50", "tiny"] = "mobilenet_v2"
     pretrained: bool = True
     weights_path: str | None = None
     cam_channels: int = 256

@@ -59,11 +59,11 @@ def crack_mask(rng: np.random.Generator, size: int) -> np.ndarray:
     for _ in range(rng.integers(1, 4)):
         start = rng.uniform(0.15, 0.85, 2) * size
         main = _walk(rng, start, rng.uniform(0, 2 * np.pi), rng.uniform(0.6, 1.3) * size, step)
-        paths = [(main, int(rng.integers(1, 3)))]
+        paths = [(main, 2)]  # main crack 2-3 px, branches 1-2 px
         for _ in range(rng.integers(0, 4)):
             origin = main[rng.integers(0, len(main))]
             heading = rng.uniform(0, 2 * np.pi)
-            paths.append((_walk(rng, origin, heading, rng.uniform(0.15, 0.45) * size, step), 1))
+            paths.append((_walk(rng, origin, heading, rng.uniform(0.15, 0.45) * size, step), int(rng.integers(1, 3))))
         for points, width in paths:
             cv2.polylines(mask, [np.round(points).astype(np.int32)], False, 1, int(width), cv2.LINE_8)
     return mask
@@ -75,8 +75,8 @@ def make_image(seed: int, split: str, index: int, size: int, crack: bool) -> tup
     surface = road_texture(rng, size)
     mask = crack_mask(rng, size) if crack else np.zeros((size, size), np.uint8)
     if crack:
-        depth = rng.uniform(0.3, 0.5) * (0.7 + 0.3 * rng.random((size, size))).astype(np.float32)
-        surface *= 1.0 - (mask * depth)[..., None]  # low contrast: 20-50 % darker
+        depth = rng.uniform(0.45, 0.7) * (0.8 + 0.2 * rng.random((size, size))).astype(np.float32)
+        surface *= 1.0 - (mask * depth)[..., None]  # 35-70 % darker: visible, as on a road photo
     surface += rng.normal(0.0, 0.015, surface.shape).astype(np.float32)  # sensor noise over all
     rgb = np.clip(surface * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return rgb, mask * 255

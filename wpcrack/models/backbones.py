@@ -5,8 +5,8 @@ Each backbone returns ``BackboneOutput(mid, final, levels)``:
 - ``final``: the last map, where the CAM head sits;
 - ``levels``: the maps the reconstructor fuses into ``Z`` (paper 3.2), last one = ``final``.
 
-All three are at output stride 8: the later stages keep stride 1 and dilate instead, so CAMs stay
-fine enough for thin cracks. Every stride-2 layer pads like a 3x3 conv with padding 1, so an HxW
+All three are at output stride 8: the later stages keep stride 1 and dilate instead (``tiny``: 1x1
+convs), so CAMs stay fine enough for thin cracks. Every stride-2 layer pads like a 3x3 conv with padding 1, so an HxW
 image gives ceil(H/8) x ceil(W/8) maps for any H, W, and feature cell k is centred on pixel 8k
 (``upsample_to_input`` relies on that).
 
@@ -317,6 +317,55 @@ class ResNet50(_TorchvisionResNet):
 
 
 # ----------------------------------------------------------------------------------------------
+# Tiny: a few conv-BN-ReLU layers for the smoke profile (random init, a minute per run on a CPU).
+
+
+def _cbr(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1) -> nn.Sequential:
+    """Conv (3x3 with padding 1, so stride 2 gives ceil(n / 2) like the other backbones), BN, ReLU."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class Tiny(Backbone):
+    """A small plain CNN with no ImageNet weights: the README demo and CI train it from scratch.
+
+    ``stem``: six 3x3 conv-BN-ReLU (16, 24, 24, 32, 32, 32 channels), three of them stride 2, from
+    full resolution (a 1 px crack must survive the first layer) to stride 8. ``mid`` (64) and
+    ``final`` (128) are two 1x1 conv-BN-ReLU each: no dilation, the receptive field stays the
+    stem's 29 px, so a cell's CAM answers "is there a crack here" and stays on the crack instead of
+    spreading over the image (randomly initialised dilated stages gave diffuse, gridded CAMs).
+    Levels = stem output, mid, final.
+    """
+
+    mid_channels = 64
+    out_channels = 128
+    level_channels = (32, 64, 128)
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(
+            _cbr(3, 16), _cbr(16, 24, stride=2), _cbr(24, 24), _cbr(24, 32, stride=2), _cbr(32, 32),
+            _cbr(32, 32, stride=2),
+        )
+        self.stage_mid = nn.Sequential(_cbr(32, 64, kernel_size=1), _cbr(64, 64, kernel_size=1))
+        self.stage_final = nn.Sequential(_cbr(64, 128, kernel_size=1), _cbr(128, 128, kernel_size=1))
+
+    def _to_mid(self, x):
+        level = self.stem(x)
+        return self.stage_mid(level), [level]
+
+    def _from_mid(self, mid):
+        final = self.stage_final(mid)
+        return final, [mid, final]
+
+    def _drop_after_mid(self):
+        del self.stage_final
+
+
+# ----------------------------------------------------------------------------------------------
 # Registry and weights.
 
 
@@ -330,6 +379,7 @@ BACKBONES: dict[str, _Entry] = {
     "mobilenet_v2": _Entry(MobileNetV2, "MobileNet_V2_Weights.IMAGENET1K_V1"),
     "resnet18": _Entry(ResNet18, "ResNet18_Weights.IMAGENET1K_V1"),
     "resnet50": _Entry(ResNet50, "ResNet50_Weights.IMAGENET1K_V1"),
+    "tiny": _Entry(Tiny, None),
 }
 
 
