@@ -34,7 +34,7 @@ def _seed():
 
 @pytest.fixture(scope="module")
 def light_backbones():
-    return {name: create_backbone(name).eval() for name in ("mobilenet_v2", "resnet18")}
+    return {name: create_backbone(name).eval() for name in ("mobilenet_v2", "resnet18", "tiny")}
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +53,20 @@ def _check_output(backbone, size):
 
 
 @pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet18"])
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet18", "tiny"])
 def test_light_backbones_any_size(light_backbones, name, size):
     _check_output(light_backbones[name], size)
+
+
+def test_tiny_backbone_truncates_and_has_no_download(light_backbones):
+    backbone = light_backbones["tiny"]
+    cut = backbone.truncated()
+    x = torch.randn(1, 3, 40, 56)
+    with torch.no_grad():
+        assert torch.equal(cut.forward_mid(x), backbone.forward_mid(x))
+    assert count_parameters(cut) < count_parameters(backbone) < 200_000
+    with pytest.raises(WpcrackError, match="pretrained=false"):
+        create_backbone("tiny", pretrained=True)
 
 
 @pytest.mark.parametrize("name", ["resnet38d", "resnet50"])
@@ -195,6 +206,20 @@ def test_model_parts_shapes(model, size):
     assert model.reconstructor.decode(enc.fused).shape == (2, 3, 8 * grid[0], 8 * grid[1])
     assert model.detect(cls.mid, enc.mid, size).shape == (2, 1, *size)
     assert model(x).shape == (2, 1, *size)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (72, 100)])
+def test_tiny_model_parts_shapes(size):
+    m = build_model(Config(model=ModelConfig(**{**TINY, "backbone": "tiny"})))
+    x = torch.randn(2, 3, *size)
+    grid = (_ceil8(size[0]), _ceil8(size[1]))
+    cls, enc = m.classifier(x), m.reconstructor.encode(x)
+    assert cls.cam.shape == enc.cam.shape == (2, 2, *grid)
+    assert enc.fused.shape == (2, m.reconstructor.encoder.fused_channels, *grid)
+    assert m.reconstructor.decode(enc.fused, size).shape == (2, 3, *size)
+    assert m.detect(cls.mid, enc.mid, size).shape == (2, 1, *size)
+    with torch.inference_mode():
+        assert torch.equal(m.slim()(x), m.predict(x))
 
 
 def test_decoder_sees_only_the_masked_map(model):

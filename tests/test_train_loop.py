@@ -121,19 +121,17 @@ def test_nan_loss_stops_with_the_epoch_and_keeps_the_last_good_checkpoint(tiny_d
     assert (tmp_path / "best.pt").is_file()
 
 
-# The smoke profile as the demo trains it, on fewer images and epochs so that the test stays short.
-SMOKE_SHORT = ["prepare.synthetic.train_crack=64", "prepare.synthetic.train_nocrack=64", "prepare.synthetic.val_crack=8",
-               "prepare.synthetic.val_nocrack=8", "prepare.synthetic.test=16", "train.epochs=8"]
+# The smoke profile and training set as the demo uses them; fewer val and test images.
+SMOKE_SHORT = ["prepare.synthetic.val_crack=8", "prepare.synthetic.val_nocrack=8", "prepare.synthetic.test=16"]
 
 
-@pytest.mark.slow  # ~3 min on 2 cores; does not pass yet (see the open issue on the smoke profile)
 def test_smoke_profile_learns(tmp_path):
     """The README's demo configuration (smoke profile, default synthetic images) really learns.
 
     The detector, trained on CRF pseudo labels of the classifier's CAMs only, must segment the
     test cracks: IoU above 0.2 and clearly above both trivial answers (all background: IoU 0;
-    all crack: IoU = the crack share of the pixels, a few %). The pseudo labels must be better
-    than the raw CAMs they come from, and the classifier must tell crack from no-crack images.
+    all crack: IoU = the crack share of the pixels, a few %). On the way, the classifier must tell
+    crack from no-crack images and the CRF pseudo labels must match the val masks reasonably.
     """
     cfg = _cfg(tmp_path / "data", *SMOKE_SHORT, tiny=False)
     assert cfg.profile == "smoke" and cfg.model.backbone == "tiny" and not cfg.model.pretrained
@@ -141,7 +139,7 @@ def test_smoke_profile_learns(tmp_path):
     metrics = train(cfg, tmp_path / "model", track=False)
     assert metrics["epochs"] == cfg.train.epochs
     assert all(math.isfinite(v) for k, v in metrics["final"].items() if k.endswith("_total"))
-    assert metrics["best"]["val_cls_accuracy"] >= 0.75
+    assert metrics["best"]["val_cls_accuracy"] >= 0.75 and metrics["best"]["val_diag_pseudo_iou"] > 0.3
 
     model = build_model(cfg)
     model.load_state_dict(checkpoint.load(tmp_path / "model" / "best.pt")["model"])
