@@ -53,6 +53,8 @@ def test_outputs(tiny_data, tmp_path):
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["epochs"] == 3
     assert json.loads((tmp_path / "train_metrics.json").read_text()) == metrics
     assert metrics["epochs"] == 3 and metrics["steps"] == 6 and 1 <= metrics["best_epoch"] <= 3
+    assert metrics["train_seconds"] >= sum(float(r["epoch_s"]) for r in csv.DictReader((tmp_path / "history.csv").open())) * 0.999 > 0
+    assert metrics["hardware"].startswith(("CPU", "1x", "2x"))
     assert set(metrics["timing"]) >= {"s_per_iter", "rec_s", "cls_s", "det_s", "crf_wait_s", "crf_wait_share"}
     rows = list(csv.DictReader((tmp_path / "history.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
@@ -92,7 +94,7 @@ def test_resume_after_a_kill_ends_with_the_same_weights(tiny_data, tmp_path, mon
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), name
     straight, resumed = (list(csv.DictReader((tmp_path / d / "history.csv").open())) for d in ("straight", "resumed"))
-    timing = {"s_per_iter", "crf_wait_share", *loop.TIMING_KEYS}
+    timing = {"s_per_iter", "crf_wait_share", "epoch_s", *loop.TIMING_KEYS}
     assert [{k: v for k, v in r.items() if k not in timing} for r in straight] == [
         {k: v for k, v in r.items() if k not in timing} for r in resumed]
 

@@ -65,6 +65,7 @@ def summary_rows(results_dir: Path, models_dir: Path) -> list[dict]:
             "profile": setting["profile"],
             "backbone": setting["backbone"],
             "train_minutes": (train.get("train_seconds") / 60.0) if train.get("train_seconds") else None,
+            "hardware": train.get("hardware"),
         })
     return rows
 

@@ -125,6 +125,7 @@ def _train(cfg: Config, out_dir: Path, resume: bool, track: bool, world: World) 
             pool.warm_up()
             examples: list[dict] = []
             for epoch in range(run.epoch, t.epochs):
+                t_epoch = time.perf_counter()
                 train_set.set_epoch(epoch)
                 if sampler is not None:
                     sampler.set_epoch(epoch)
@@ -139,6 +140,8 @@ def _train(cfg: Config, out_dir: Path, resume: bool, track: bool, world: World) 
                                 "model": model.state_dict(), "config": cfg.to_dict(), "epoch": epoch + 1,
                                 "val_score": val["val_score"], "git_commit": commit,
                             })
+                row["epoch_s"] = time.perf_counter() - t_epoch  # wall clock: steps, waiting and validation
+                run.seconds["wall_s"] = run.seconds.get("wall_s", 0.0) + row["epoch_s"]
                 run.history.append(row)
                 run.epoch = epoch + 1
                 if main:
@@ -405,6 +408,8 @@ def _write_metrics(run: RunState, out_dir: Path, write: bool = True) -> dict[str
         "epochs": run.epoch,
         "steps": run.step,
         "processes": run.world_size,
+        "train_seconds": run.seconds.get("wall_s", 0.0),  # summed epoch wall time (a resumed run adds up)
+        "hardware": _hardware(),
         "best_epoch": run.best_epoch,
         "val_score": _json_safe({"v": run.best_score})["v"],
         "pseudo_label_iou": _json_safe({"v": final.get("pseudo_label_iou", math.nan)})["v"],
@@ -423,6 +428,15 @@ def _write_metrics(run: RunState, out_dir: Path, write: bool = True) -> dict[str
     with atomic_path(out_dir / "history.csv") as tmp:
         tmp.write_text(buffer.getvalue())
     return metrics
+
+
+def _hardware() -> str:
+    """Where this process trained, for the results table: GPU name or CPU cores and torch threads."""
+    import os
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+    return f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 def _summary(row: dict[str, float], run: RunState, epochs: int) -> str:
