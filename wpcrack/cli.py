@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from wpcrack.errors import WpcrackError
+from wpcrack.errors import ConfigError, WpcrackError
 
 MIRROR_ENV = "WPCRACK_MIRROR"
 NPROC_ENV = "WPCRACK_NPROC"  # `wpcrack train` with N > 1 re-launches itself under torchrun (N processes)
@@ -128,6 +128,19 @@ def cmd_report(args: argparse.Namespace) -> None:
     write_report(Path(args.params), Path(args.out))
 
 
+def cmd_experiments(args: argparse.Namespace) -> None:
+    from wpcrack.experiments import write_experiments
+
+    from wpcrack.config import DATASET_NAMES
+
+    datasets = args.datasets or ["deepcrack", "cfd", "crack500"]
+    unknown = [d for d in datasets if d not in DATASET_NAMES]
+    if unknown:
+        raise ConfigError(f"unknown dataset(s) {', '.join(unknown)}; expected {', '.join(DATASET_NAMES)}")
+    out = write_experiments(datasets, Path(args.out))
+    print(f"wpcrack experiments: {', '.join(datasets)} -> {out}")
+
+
 def _dataset_arg(p: argparse.ArgumentParser, **kw) -> None:
     from wpcrack.config import DATASET_NAMES
 
@@ -207,6 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
     p.add_argument("--out", default="docs/results.md", help="output file (default: docs/results.md)")
     p.set_defaults(func=cmd_report)
+
+    from wpcrack.config import DATASET_NAMES
+
+    p = sub.add_parser("experiments", help="write docs/experiments.md: every training tried and what it gave (MLflow)")
+    p.add_argument("datasets", nargs="*", metavar="DATASET",
+                   help=f"datasets, of {', '.join(DATASET_NAMES)} (default: deepcrack cfd crack500)")
+    p.add_argument("--out", default="docs/experiments.md", help="output file (default: docs/experiments.md)")
+    p.set_defaults(func=cmd_experiments)
     return parser
 
 
