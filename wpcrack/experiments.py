@@ -74,7 +74,7 @@ def experiment_rows(dataset: str, experiment: str = "wpcrack") -> pd.DataFrame:
             "commit": str(run.get("tags.git_commit", ""))[:7],
             "status": run["status"],
             **{c.removeprefix("params."): run[c] for c in varying},
-            "epochs done": len(mlflow_client.get_metric_history(run["run_id"], "pseudo_label_iou")),
+            "epochs done": len(mlflow_client.get_metric_history(run["run_id"], "val_score")),
             "minutes": f"{minutes:.1f}",
             "pseudo-label IoU (last)": _number(run.get("metrics.pseudo_label_iou")),
             "best val score": _best(mlflow_client, run["run_id"], "val_score"),

@@ -61,7 +61,7 @@ def summary_rows(results_dir: Path, models_dir: Path) -> list[dict]:
             **{k: ours.get(k) for k in paper.PRIMARY},
             "paper_iou": published[4],
             "target_iou": target,
-            "target_met": None if iou is None or target is None else bool(iou >= target),
+            "target_met": None if iou is None or target is None else ("yes" if iou >= target else "no"),
             "profile": setting["profile"],
             "backbone": setting["backbone"],
             "train_minutes": (train.get("train_seconds") / 60.0) if train.get("train_seconds") else None,
