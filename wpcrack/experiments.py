@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from wpcrack.evaluate.tables import to_markdown
 from wpcrack.io import atomic_path
 
 # Parameters that describe where or how fast a run went, not what it learnt.
@@ -55,7 +56,7 @@ def experiment_rows(dataset: str, experiment: str = "wpcrack") -> pd.DataFrame:
 
     params = [c for c in train.columns if c.startswith("params.")
               and not c.removeprefix("params.").startswith(IGNORED_PARAMS)]
-    varying = [c for c in params if train[c].astype(str).nunique(dropna=False) > 1]
+    varying = sorted(c for c in params if train[c].astype(str).nunique(dropna=False) > 1)
     mlflow_client = client()
     rows = []
     for i, (_, run) in enumerate(train.iterrows()):
@@ -86,12 +87,6 @@ def experiment_rows(dataset: str, experiment: str = "wpcrack") -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return "–" if math.isnan(value) else f"{value:.3f}"
-    return "" if value is None else str(value).replace("|", "\\|")
-
-
 def write_experiments(datasets: list[str], out: Path, experiment: str = "wpcrack") -> Path:
     """docs/experiments.md for ``datasets`` from the MLflow store (``MLFLOW_TRACKING_URI`` or mlflow.db)."""
     parts = [
@@ -108,10 +103,7 @@ def write_experiments(datasets: list[str], out: Path, experiment: str = "wpcrack
         if df.empty:
             parts.append("_no training runs recorded_\n")
             continue
-        header = "| " + " | ".join(df.columns) + " |"
-        rule = "| " + " | ".join("---" for _ in df.columns) + " |"
-        body = ["| " + " | ".join(_cell(v) for v in row) + " |" for row in df.astype(object).itertuples(index=False)]
-        parts.append("\n".join([header, rule, *body]) + "\n")
+        parts.append(to_markdown(df))
     with atomic_path(out) as tmp:
         tmp.write_text("\n".join(parts))
     return out
