@@ -58,13 +58,8 @@ def test_light_backbones_any_size(light_backbones, name, size):
     _check_output(light_backbones[name], size)
 
 
-def test_tiny_backbone_truncates_and_has_no_download(light_backbones):
-    backbone = light_backbones["tiny"]
-    cut = backbone.truncated()
-    x = torch.randn(1, 3, 40, 56)
-    with torch.no_grad():
-        assert torch.equal(cut.forward_mid(x), backbone.forward_mid(x))
-    assert count_parameters(cut) < count_parameters(backbone) < 200_000
+def test_tiny_backbone_is_small_and_has_no_download(light_backbones):
+    assert count_parameters(light_backbones["tiny"]) < 200_000
     with pytest.raises(WpcrackError, match="pretrained=false"):
         create_backbone("tiny", pretrained=True)
 
@@ -74,8 +69,9 @@ def test_heavy_backbones_non_multiple_size(heavy_backbones, name):
     _check_output(heavy_backbones[name], (36, 52))
 
 
-def test_truncated_backbone_keeps_mid_only(light_backbones):
-    backbone = light_backbones["mobilenet_v2"]
+@pytest.mark.parametrize("name", ["mobilenet_v2", "tiny"])
+def test_truncated_backbone_keeps_mid_only(light_backbones, name):
+    backbone = light_backbones[name]
     cut = backbone.truncated()
     x = torch.randn(1, 3, 40, 56)
     with torch.no_grad():

@@ -129,11 +129,11 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_experiments(args: argparse.Namespace) -> None:
+    from wpcrack.config import DATASET_NAMES
+    from wpcrack.evaluate.report import REAL_DATASETS
     from wpcrack.experiments import write_experiments
 
-    from wpcrack.config import DATASET_NAMES
-
-    datasets = args.datasets or ["deepcrack", "cfd", "crack500"]
+    datasets = args.datasets or list(REAL_DATASETS)
     unknown = [d for d in datasets if d not in DATASET_NAMES]
     if unknown:
         raise ConfigError(f"unknown dataset(s) {', '.join(unknown)}; expected {', '.join(DATASET_NAMES)}")
@@ -221,11 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="docs/results.md", help="output file (default: docs/results.md)")
     p.set_defaults(func=cmd_report)
 
-    from wpcrack.config import DATASET_NAMES
-
     p = sub.add_parser("experiments", help="write docs/experiments.md: every training tried and what it gave (MLflow)")
-    p.add_argument("datasets", nargs="*", metavar="DATASET",
-                   help=f"datasets, of {', '.join(DATASET_NAMES)} (default: deepcrack cfd crack500)")
+    p.add_argument("datasets", nargs="*", metavar="DATASET", help="datasets (default: deepcrack cfd crack500)")
     p.add_argument("--out", default="docs/experiments.md", help="output file (default: docs/experiments.md)")
     p.set_defaults(func=cmd_experiments)
     return parser

@@ -24,13 +24,8 @@ IGNORED_PARAMS = ("paths.", "tracking.", "dist.", "pseudo_labels.workers", "trai
                   "train.channels_last", "evaluate.", "benchmark.", "prepare.")
 
 
-def _stage_key(stage: str) -> str:
-    return stage.split("@", 1)[1] if "@" in stage else stage
-
-
-def _best(client, run_id: str, metric: str) -> float:
-    history = client.get_metric_history(run_id, metric)
-    return max((m.value for m in history), default=math.nan)
+def _history(client, run_id: str, metric: str) -> list[float]:
+    return [m.value for m in client.get_metric_history(run_id, metric)]
 
 
 def _number(value) -> float:
@@ -60,7 +55,8 @@ def experiment_rows(dataset: str, experiment: str = "wpcrack") -> pd.DataFrame:
     mlflow_client = client()
     rows = []
     for i, (_, run) in enumerate(train.iterrows()):
-        key = _stage_key(run["tags.stage"])
+        key = run["tags.stage"].removeprefix("train@")
+        val_scores = _history(mlflow_client, run["run_id"], "val_score")
         later = train.iloc[i + 1:]
         next_start = later.loc[later["tags.stage"] == run["tags.stage"], "start_time"].min()
         ended = run["end_time"] if pd.notna(run["end_time"]) else run["start_time"]
@@ -75,11 +71,11 @@ def experiment_rows(dataset: str, experiment: str = "wpcrack") -> pd.DataFrame:
             "commit": str(run.get("tags.git_commit", ""))[:7],
             "status": run["status"],
             **{c.removeprefix("params."): run[c] for c in varying},
-            "epochs done": len(mlflow_client.get_metric_history(run["run_id"], "val_score")),
+            "epochs done": len(val_scores),
             "minutes": f"{minutes:.1f}",
             "pseudo-label IoU (last)": _number(run.get("metrics.pseudo_label_iou")),
-            "best val score": _best(mlflow_client, run["run_id"], "val_score"),
-            "val det IoU (best)": _best(mlflow_client, run["run_id"], "val_diag_det_iou"),
+            "best val score": max(val_scores, default=math.nan),
+            "val det IoU (best)": max(_history(mlflow_client, run["run_id"], "val_diag_det_iou"), default=math.nan),
             **{f"test {m}": (_number(test.get(f"metrics.detector/{m}")) if test is not None else math.nan)
                for m in ("precision", "recall", "iou")},
             "test ODS F1": _number(test.get("metrics.detector/extra_ods_f1")) if test is not None else math.nan,
