@@ -141,6 +141,22 @@ def cmd_experiments(args: argparse.Namespace) -> None:
     print(f"wpcrack experiments: {', '.join(datasets)} -> {out}")
 
 
+def cmd_tune_crf(args: argparse.Namespace) -> None:
+    from wpcrack.crf_tuning import parse_grid, tune, write
+
+    cfg = _config(args, args.dataset, args.variant)
+    model_dir, _ = _run_dirs(cfg, args.dataset, args.variant)
+    model_dir = Path(args.model_dir) if args.model_dir else model_dir
+    crop = args.crop if args.crop is not None else (cfg.train.crop_size if args.split == "train" else 0)
+    frame = tune(cfg, model_dir, parse_grid(args.grid), split=args.split, crop=crop or None, limit=args.limit,
+                 workers=args.workers)
+    out = Path(args.out) if args.out else Path(cfg.paths.reports) / args.dataset / "crf_tuning.md"
+    write(frame, cfg, model_dir, out)
+    print(frame.head(args.show).drop(columns=[c for c in frame if c not in ("setting", "IoU", "precision", "recall",
+                                                                              "non-empty")]).to_string(index=False))
+    print(f"wpcrack tune-crf: {len(frame)} rows -> {out} (and .csv)")
+
+
 def _dataset_arg(p: argparse.ArgumentParser, **kw) -> None:
     from wpcrack.config import DATASET_NAMES
 
@@ -220,6 +236,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
     p.add_argument("--out", default="docs/results.md", help="output file (default: docs/results.md)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("tune-crf", help="score denseCRF pseudo-label settings against the masks of a train/val split")
+    _dataset_arg(p)
+    p.add_argument("--variant", default="full", help="whose CAMs: a trained variant (default: full)")
+    p.add_argument("--model-dir", help="trained model folder (default: models/<dataset>/<variant>)")
+    p.add_argument("--split", choices=("train", "val"), default="train", help="images to tune on (default: train)")
+    p.add_argument("--crop", type=int, help="random training crops of this side, 0 for whole images "
+                   "(default: train.crop_size on train, whole images on val)")
+    p.add_argument("--limit", type=int, default=64, help="crack images with masks to use (default: 64)")
+    p.add_argument("--grid", action="append", metavar="KEY=V1,V2",
+                   help="values to try for a pseudo_labels key (repeatable; 'gaussian' sets sxy and compat); "
+                   "default: bg_power 0.5,1,2 x gaussian_sxy 1,3 x bilateral_compat 3,10 x bilateral_srgb 5,13")
+    p.add_argument("--workers", type=int, default=1, help="CRF processes (default: 1)")
+    p.add_argument("--show", type=int, default=10, help="rows to print (default: 10)")
+    p.add_argument("--out", help="Markdown output (default: reports/<dataset>/crf_tuning.md; CSV beside it)")
+    _common(p)
+    p.set_defaults(func=cmd_tune_crf)
 
     p = sub.add_parser("experiments", help="write docs/experiments.md: every training tried and what it gave (MLflow)")
     p.add_argument("datasets", nargs="*", metavar="DATASET", help="datasets (default: deepcrack cfd crack500)")
