@@ -27,13 +27,17 @@ from wpcrack.config import Config, PseudoLabelConfig
 from wpcrack.errors import ConfigError, DataError
 from wpcrack.evaluate.tables import to_markdown
 from wpcrack.io import atomic_path
-from wpcrack.pseudo_labels import refine_many, confusion
+from wpcrack.pseudo_labels import confusion, refine
 
 TUNABLE = ("bg_power", "gaussian_sxy", "gaussian_compat", "bilateral_sxy", "bilateral_srgb", "bilateral_compat",
            "iterations")
 DEFAULT_GRID = {"bg_power": [0.5, 1.0, 2.0], "gaussian_sxy": [1.0, 3.0], "bilateral_compat": [3.0, 10.0],
                 "bilateral_srgb": [5.0, 13.0]}
 CAM_THRESHOLDS = (0.3, 0.5, 0.7)
+
+
+def _labels(rgbs: list[np.ndarray], cams: list[np.ndarray], cfg: PseudoLabelConfig) -> list[np.ndarray]:
+    return [refine(rgb, cam, cfg) for rgb, cam in zip(rgbs, cams, strict=True)]
 
 
 def parse_grid(items: list[str] | None) -> dict[str, list[float]]:
@@ -122,9 +126,9 @@ def tune(cfg: Config, model_dir: Path, grid: dict[str, list[float]], split: str 
         methods = multiprocessing.get_all_start_methods()
         ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            results = list(pool.map(refine_many, itertools.repeat(rgbs), itertools.repeat(cams), candidates))
+            results = list(pool.map(_labels, itertools.repeat(rgbs), itertools.repeat(cams), candidates))
     else:
-        results = [refine_many(rgbs, cams, p) for p in candidates]
+        results = [_labels(rgbs, cams, p) for p in candidates]
     for p, labels in zip(candidates, results, strict=True):
         name = ", ".join(f"{k} {getattr(p, k):g}" for k in TUNABLE if getattr(p, k) != getattr(cfg.pseudo_labels, k))
         rows.append({"setting": name or "current params.yaml", **_scores(labels, masks),

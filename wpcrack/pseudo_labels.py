@@ -49,7 +49,7 @@ def refine(rgb: np.ndarray, cam: np.ndarray, cfg: PseudoLabelConfig) -> np.ndarr
     return q.argmax(axis=0).astype(np.uint8)
 
 
-def refine_many(rgbs: list[np.ndarray], cams: list[np.ndarray], cfg: PseudoLabelConfig) -> list[np.ndarray]:
+def _refine_many(rgbs: list[np.ndarray], cams: list[np.ndarray], cfg: PseudoLabelConfig) -> list[np.ndarray]:
     return [refine(rgb, cam, cfg) for rgb, cam in zip(rgbs, cams, strict=True)]
 
 
@@ -67,7 +67,7 @@ class CRFHandle:
 
     def result(self) -> list[np.ndarray]:
         if self._inline is not None:
-            return refine_many(*self._inline)
+            return _refine_many(*self._inline)
         return [label for future in self._futures for label in future.result()]
 
 
@@ -98,7 +98,7 @@ class CRFPool:
             return CRFHandle(inline=(rgbs, cams, self.cfg))
         chunks = np.array_split(np.arange(len(rgbs)), min(self.workers, len(rgbs))) if rgbs else []
         futures = [
-            self._executor.submit(refine_many, [rgbs[i] for i in idx], [cams[i] for i in idx], self.cfg)
+            self._executor.submit(_refine_many, [rgbs[i] for i in idx], [cams[i] for i in idx], self.cfg)
             for idx in chunks
         ]
         return CRFHandle(futures=futures)
