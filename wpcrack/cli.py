@@ -149,7 +149,7 @@ def cmd_tune_crf(args: argparse.Namespace) -> None:
     model_dir = Path(args.model_dir) if args.model_dir else model_dir
     crop = args.crop if args.crop is not None else (cfg.train.crop_size if args.split == "train" else 0)
     frame = tune(cfg, model_dir, parse_grid(args.grid), split=args.split, crop=crop or None, limit=args.limit,
-                 workers=args.workers)
+                 workers=args.workers if args.workers is not None else max(cfg.pseudo_labels.workers, 1))
     out = Path(args.out) if args.out else Path(cfg.paths.reports) / args.dataset / "crf_tuning.md"
     write(frame, cfg, model_dir, out)
     print(frame.head(args.show).drop(columns=[c for c in frame if c not in ("setting", "IoU", "precision", "recall",
@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", action="append", metavar="KEY=V1,V2",
                    help="values to try for a pseudo_labels key (repeatable; 'gaussian' sets sxy and compat); "
                    "default: bg_power 0.5,1,2 x gaussian_sxy 1,3 x bilateral_compat 3,10 x bilateral_srgb 5,13")
-    p.add_argument("--workers", type=int, default=1, help="CRF processes (default: 1)")
+    p.add_argument("--workers", type=int, help="CRF processes (default: pseudo_labels.workers)")
     p.add_argument("--show", type=int, default=10, help="rows to print (default: 10)")
     p.add_argument("--out", help="Markdown output (default: reports/<dataset>/crf_tuning.md; CSV beside it)")
     _common(p)
