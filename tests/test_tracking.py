@@ -137,6 +137,23 @@ def test_promote_champion_uses_the_evaluate_run_of_a_version(logged, cfg):
     assert tracking.promote_champion("synthetic").challenger_iou == 97.5  # best evaluated version
 
 
+def test_promote_cli_keeps_a_better_champion_and_forces_a_rollback(logged, capsys):
+    from wpcrack.cli import main
+
+    champion = tracking.champion_version(NAME).version
+    weaker = str(_new_version(logged))
+    tracking.record_score(NAME, weaker, 10.0)
+    sets = [arg for o in TINY for arg in ("--set", o)]
+    assert main(["promote", "synthetic", "--version", weaker, *sets]) == 0
+    assert "challenger IoU 10.000 vs champion 97.500 -> kept the champion" in capsys.readouterr().out
+    assert tracking.champion_version(NAME).version == champion
+    assert main(["promote", "synthetic", "--force", *sets]) == 2  # --force needs --version
+    assert "--force needs --version" in capsys.readouterr().err
+    assert main(["promote", "synthetic", "--version", weaker, "--force", *sets]) == 0
+    assert str(tracking.champion_version(NAME).version) == weaker
+    tracking.client().set_registered_model_alias(NAME, tracking.CHAMPION, str(champion))
+
+
 def test_search_runs_filters_by_tags(logged):
     runs = tracking.search_runs(dataset="synthetic", stage="train@synthetic")
     assert logged[0] in set(runs["run_id"])

@@ -157,6 +157,23 @@ def cmd_tune_crf(args: argparse.Namespace) -> None:
     print(f"wpcrack tune-crf: {len(frame)} rows -> {out} (and .csv)")
 
 
+def cmd_promote(args: argparse.Namespace) -> None:
+    from wpcrack.tracking import CHAMPION, client, model_name, promote_champion
+
+    cfg = _config(args, args.dataset)
+    name = model_name(cfg.tracking.model_name_prefix, args.dataset)
+    if args.force:
+        if args.version is None:
+            raise ConfigError("--force needs --version (the version to point champion at, e.g. for a rollback)")
+        client().set_registered_model_alias(name, CHAMPION, str(args.version))
+        print(f"wpcrack promote: {name}@{CHAMPION} -> version {args.version} (forced)")
+        return
+    result = promote_champion(args.dataset, version=args.version, prefix=cfg.tracking.model_name_prefix)
+    before = "none" if result.champion_iou is None else f"{result.champion_iou:.3f}"
+    print(f"wpcrack promote: {name} challenger IoU {result.challenger_iou:.3f} vs champion {before} -> "
+          f"{'promoted' if result.promoted else 'kept the champion'}")
+
+
 def _dataset_arg(p: argparse.ArgumentParser, **kw) -> None:
     from wpcrack.config import DATASET_NAMES
 
@@ -253,6 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="Markdown output (default: reports/<dataset>/crf_tuning.md; CSV beside it)")
     _common(p)
     p.set_defaults(func=cmd_tune_crf)
+
+    p = sub.add_parser("promote", help="point the MLflow alias 'champion' at the best evaluated full model (if not worse)")
+    _dataset_arg(p)
+    p.add_argument("--version", help="this registered version instead of the best evaluated full model")
+    p.add_argument("--force", action="store_true", help="move the alias to --version even if it scores worse (rollback)")
+    _common(p)
+    p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser("experiments", help="write docs/experiments.md: every training tried and what it gave (MLflow)")
     p.add_argument("datasets", nargs="*", metavar="DATASET", help="datasets (default: deepcrack cfd crack500)")
