@@ -147,13 +147,12 @@ def cmd_tune_crf(args: argparse.Namespace) -> None:
     cfg = _config(args, args.dataset, args.variant)
     model_dir, _ = _run_dirs(cfg, args.dataset, args.variant)
     model_dir = Path(args.model_dir) if args.model_dir else model_dir
-    crop = args.crop if args.crop is not None else (cfg.train.crop_size if args.split == "train" else 0)
+    crop = args.crop if args.crop is not None else (cfg.train.crop_size if args.split == "train" else None)
     frame = tune(cfg, model_dir, parse_grid(args.grid), split=args.split, crop=crop or None, limit=args.limit,
                  workers=args.workers if args.workers is not None else max(cfg.pseudo_labels.workers, 1))
     out = Path(args.out) if args.out else Path(cfg.paths.reports) / args.dataset / "crf_tuning.md"
     write(frame, cfg, model_dir, out)
-    print(frame.head(args.show).drop(columns=[c for c in frame if c not in ("setting", "IoU", "precision", "recall",
-                                                                              "non-empty")]).to_string(index=False))
+    print(frame.head(args.show)[["setting", "IoU", "precision", "recall", "non-empty"]].to_string(index=False))
     print(f"wpcrack tune-crf: {len(frame)} rows -> {out} (and .csv)")
 
 

@@ -27,7 +27,7 @@ from wpcrack.config import Config, PseudoLabelConfig
 from wpcrack.errors import ConfigError, DataError
 from wpcrack.evaluate.tables import to_markdown
 from wpcrack.io import atomic_path
-from wpcrack.pseudo_labels import confusion, refine
+from wpcrack.pseudo_labels import confusion, iou_of, refine
 
 TUNABLE = ("bg_power", "gaussian_sxy", "gaussian_compat", "bilateral_sxy", "bilateral_srgb", "bilateral_compat",
            "iterations")
@@ -84,8 +84,6 @@ def _samples(cfg: Config, split: str, crop: int | None, limit: int, seed: int) -
     from wpcrack.data.datasets import WeakDataset
 
     manifest = Path(cfg.paths.data) / "prepared" / cfg.dataset / "manifest.csv"
-    if not manifest.is_file():
-        raise DataError(manifest, f"missing: run `wpcrack prepare {cfg.dataset}` first")
     data = WeakDataset(manifest, split, crop_size=crop, augment=crop is not None, seed=seed)
     rgbs, masks = [], []
     for index in np.flatnonzero(data.labels == 1):
@@ -101,9 +99,10 @@ def _samples(cfg: Config, split: str, crop: int | None, limit: int, seed: int) -
 
 
 def _scores(labels: list[np.ndarray], masks: list[np.ndarray]) -> dict[str, float]:
-    tp, fp, fn = (int(v) for v in confusion(labels, masks))
+    counts = confusion(labels, masks)
+    tp, fp, fn = (int(v) for v in counts)
     return {
-        "IoU": tp / (tp + fp + fn) if tp + fp + fn else math.nan,
+        "IoU": iou_of(counts),
         "precision": tp / (tp + fp) if tp + fp else math.nan,
         "recall": tp / (tp + fn) if tp + fn else math.nan,
         "non-empty": float(np.mean([label.any() for label in labels])),
@@ -149,6 +148,6 @@ def write(frame: pd.DataFrame, cfg: Config, model_dir: Path, out: Path) -> None:
             "settings not named are those of the current params.yaml. Best IoU first.\n\n")
     shown = frame.drop(columns=[k for k in TUNABLE if k in frame])
     with atomic_path(out) as tmp:
-        Path(tmp).write_text(head + to_markdown(shown) + "\n")
+        tmp.write_text(head + to_markdown(shown) + "\n")
     with atomic_path(out.with_suffix(".csv")) as tmp:
         frame.to_csv(tmp, index=False)

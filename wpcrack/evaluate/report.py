@@ -70,6 +70,11 @@ def summary_rows(results_dir: Path, models_dir: Path) -> list[dict]:
     return rows
 
 
+# The two rows diagnosis_reading compares.
+DETECTOR_STEP = "detector trained on the pseudo labels (WP-CrackNet)"
+UPPER_BOUND_STEP = "the same detector trained on pixel masks (upper bound)"
+
+
 def _iou(metrics: dict | None, mode: str) -> float | None:
     return ((metrics or {}).get(mode) or {}).get("iou")
 
@@ -107,8 +112,8 @@ def diagnosis_rows(results_dir: Path, models_dir: Path, reports_dir: Path, datas
                      _percent(top["IoU"]), f"{top['setting']} (current setting: "
                      f"{_percent(current['IoU'].iloc[0]) if len(current) else float('nan'):.1f})"))
     rows += [
-        ("detector trained on the pseudo labels (WP-CrackNet)", "test", _iou(full, "detector"), ""),
-        ("the same detector trained on pixel masks (upper bound)", "test", _iou(supervised, "detector"), ""),
+        (DETECTOR_STEP, "test", _iou(full, "detector"), ""),
+        (UPPER_BOUND_STEP, "test", _iou(supervised, "detector"), ""),
     ]
     return [{"step": step, "images": images, "iou": iou, "note": note} for step, images, iou, note in rows]
 
@@ -116,8 +121,7 @@ def diagnosis_rows(results_dir: Path, models_dir: Path, reports_dir: Path, datas
 def diagnosis_reading(rows: list[dict], target: float | None) -> str:
     """Plain sentences computed from ``rows`` (no number typed in)."""
     by_step = {r["step"]: r["iou"] for r in rows}
-    ours = by_step.get("detector trained on the pseudo labels (WP-CrackNet)")
-    upper = by_step.get("the same detector trained on pixel masks (upper bound)")
+    ours, upper = by_step.get(DETECTOR_STEP), by_step.get(UPPER_BOUND_STEP)
     said = []
     if ours is not None and target is not None and ours >= target:
         said.append(f"The target ({target:g}) is met.")
