@@ -1,11 +1,12 @@
-"""Reproduce flow: prepare -> train -> evaluate -> compare -> benchmark per dataset, through DVC.
+"""Reproduce flow: prepare -> train -> evaluate -> compare -> benchmark -> report per dataset, through DVC.
 
 Each step is one ``dvc repro <stage>`` task, so DVC decides what is up to date and the flow adds
 ordering, retries of transient failures, one GPU stage at a time (the ``gpu`` concurrency limit,
 see ``pipelines.tasks``) and a record in Prefect. Runs come from ``runs:`` in params.yaml.
 ``compare@<dataset>`` reads every variant's results, so it runs only when no variant filter is
-given (otherwise DVC would train the missing variants for it). After a dataset's full model is
-evaluated, its newest version becomes ``champion`` unless the champion has a better test IoU.
+given (otherwise DVC would train the missing variants for it), and so do ``tune_crf@<dataset>`` and the
+results page ``report@<dataset>``; the index ``report_index`` is rewritten at the end. After a dataset's
+full model is evaluated, its newest version becomes ``champion`` unless the champion has a better test IoU.
 
     python -m pipelines.reproduce --datasets synthetic
     python -m pipelines.reproduce --datasets deepcrack cfd --variants full supervised
@@ -22,6 +23,7 @@ from prefect import flow
 
 from pipelines.tasks import dvc_repro, promote_challenger
 from wpcrack.errors import ConfigError, WpcrackError
+from wpcrack.evaluate.report import REAL_DATASETS
 
 
 def plan(runs: dict[str, dict[str, str]], datasets: list[str] | None,
@@ -54,6 +56,7 @@ def reproduce(
     root_path = Path(root).resolve()
     cwd = str(root_path)
     summary: dict[str, dict] = {}
+    reported = False
     with contextlib.chdir(root_path):
         runs = list_runs(root_path / "params.yaml")
         for dataset, keys, compare in plan(runs, datasets, variants):
@@ -66,9 +69,15 @@ def reproduce(
             has_full = any(runs[k]["variant"] == "full" for k in keys)
             if benchmark and has_full:
                 dvc_repro([f"benchmark@{dataset}"], cwd=cwd, gpu=True)
+            if compare and dataset in REAL_DATASETS:
+                dvc_repro([f"tune_crf@{dataset}"], cwd=cwd, gpu=True)
+                dvc_repro([f"report@{dataset}"], cwd=cwd, single=True)
+                reported = True
             summary[dataset] = {"runs": keys}
             if promote and has_full:
                 summary[dataset].update(promote_challenger(cwd, dataset, "full"))
+        if reported:
+            dvc_repro(["report_index"], cwd=cwd, single=True)
     return summary
 
 

@@ -110,11 +110,15 @@ def gpu_slot(needed: bool) -> Iterator[None]:
     cache_policy=NO_CACHE,
     task_run_name="dvc repro {targets}",
 )
-def dvc_repro(targets: Sequence[str], cwd: str = ".", gpu: bool = False) -> str:
-    """``dvc repro <targets>`` in the repository ``cwd``; DVC decides what is up to date."""
-    print(f"dvc repro {' '.join(targets)}" + (" (holding a GPU slot)" if gpu else ""))
+def dvc_repro(targets: Sequence[str], cwd: str = ".", gpu: bool = False, single: bool = False) -> str:
+    """``dvc repro <targets>`` in the repository ``cwd``; DVC decides what is up to date.
+
+    ``single`` runs only the named stages (``-s``), for stages whose deps are whole folders.
+    """
+    args = ["repro", *(["-s"] if single else []), *targets]
+    print(f"dvc {' '.join(args)}" + (" (holding a GPU slot)" if gpu else ""))
     with gpu_slot(gpu):
-        return run_dvc(["repro", *targets], cwd)
+        return run_dvc(args, cwd)
 
 
 def run_key(root: str | Path, dataset: str, variant: str) -> str:

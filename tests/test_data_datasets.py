@@ -66,6 +66,17 @@ def test_augment_keeps_mask_aligned_and_pads_small_images():
     assert np.array_equal(out_rgb[..., 0] == 255, out_mask == 1)
 
 
+def test_augment_never_shrinks_an_image_below_the_crop():
+    rng = np.random.default_rng(0)
+    rgb, mask = np.full((16, 16, 3), 200, np.uint8), np.zeros((16, 16), np.uint8)
+    out_rgb, _ = augment(rgb, mask, rng, crop_size=16, scale_range=(0.5, 0.5))
+    assert (out_rgb == 200).all()  # no padding: a small crack-free patch must not look padded
+    ramp = np.repeat(np.arange(0, 256, 4, dtype=np.uint8)[None, :, None], 64, axis=0).repeat(3, axis=2)
+    out_rgb, _ = augment(ramp, np.zeros((64, 64), np.uint8), rng, crop_size=32, scale_range=(0.5, 0.5), flip=False)
+    span = int(out_rgb[0, -1, 0]) - int(out_rgb[0, 0, 0])
+    assert span > 200  # a large image still shrinks (64 -> 32, the whole ramp); a plain 32 crop spans 124
+
+
 def test_normalize_round_trip():
     rgb = torch.randint(0, 256, (2, 5, 6, 3), dtype=torch.uint8)
     x = normalize(rgb)

@@ -12,10 +12,10 @@ import pytest
 
 from wpcrack.cli import main
 from wpcrack.config import (CFDPrepare, Config, Crack500Prepare, DeepCrackPrepare, PathsConfig, PrepareConfig,
-                            SyntheticPrepare)
+                            SyntheticPrepare, load_config)
 from wpcrack.data.manifest import load_manifest
 from wpcrack.data.prepare import grid_cells, prepare, split_sources
-from wpcrack.errors import DataError
+from wpcrack.errors import ConfigError, DataError
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -116,6 +116,26 @@ def test_deepcrack_rules(tmp_path):
     assert (path.parent / test[test.source_id == "200"].image.iloc[0]).read_bytes() == src.read_bytes()
     for _, row in df[df.label == 0].iterrows():  # crack-free patches really are crack-free
         assert cv2.imread(str(path.parent / row["mask"]), cv2.IMREAD_GRAYSCALE).max() == 0
+
+
+def test_matched_nocrack_patches_share_the_crack_images_scale(tmp_path):
+    """nocrack_scale=matched: squares of the photo rescaled like the crack images, not enlarged."""
+    _fake_deepcrack(tmp_path / "raw" / "deepcrack")
+    matched = DeepCrackPrepare(image_size=24, nocrack_patches=10, nocrack_patch_size=12, val_fraction=0.25,
+                               nocrack_scale="matched")
+    path = prepare(_cfg(tmp_path, deepcrack=matched), "deepcrack")
+    df = load_manifest(path)
+    nocrack, crack = df[(df.label == 0) & (df.split != "test")], df[(df.label == 1) & (df.split != "test")]
+    assert len(nocrack) == 10 and set(nocrack.height) == {12} and set(nocrack.width) == {12}
+    assert set(crack.height) == {24}
+    row = nocrack.iloc[0]  # <photo>_nc<y>_<x>: the window of the photo rescaled to image_size
+    photo, y, x = row["image"].rsplit("/", 1)[1].removesuffix(".png").rsplit("_", 2)
+    y, x = int(y.removeprefix("nc")), int(x)
+    rescaled = cv2.resize(cv2.imread(str(tmp_path / "raw" / "deepcrack" / "train_img" / f"{photo}.jpg")), (24, 24),
+                          interpolation=cv2.INTER_AREA)
+    assert np.array_equal(cv2.imread(str(path.parent / row["image"])), rescaled[y:y + 12, x:x + 12])
+    with pytest.raises(ConfigError, match="nocrack_scale"):
+        load_config(PARAMS, dataset="deepcrack", overrides=["prepare.deepcrack.nocrack_scale=bigger"])
 
 
 def test_cfd_grid_and_split(tmp_path):

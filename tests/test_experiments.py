@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -52,11 +53,21 @@ def test_rows_pair_each_training_with_the_evaluation_after_it(store):
     assert experiment_rows("deepcrack").empty
 
 
-def test_cli_writes_the_page(store, capsys):
+def test_cli_writes_a_page_per_store_and_the_index(store, capsys):
+    pages, index = store / "experiments", store / "experiments.md"
+    assert main(["experiments", "synthetic", "--pages", str(pages), "--out", str(index)]) == 2
+    assert "holds no training run of synthetic" in capsys.readouterr().err and not index.exists()
+
+    earlier = pages / "2020-01-01.md"  # the page an earlier store left: kept as it was generated
+    pages.mkdir()
+    earlier.write_text("# Experiments of the tracking store started 2020-01-01\n")
     _train(0.01, [0.5], pseudo=0.2)
-    out = store / "experiments.md"
-    assert main(["experiments", "synthetic", "deepcrack", "--out", str(out)]) == 0
-    text = out.read_text()
+    assert main(["experiments", "synthetic", "deepcrack", "--pages", str(pages), "--out", str(index)]) == 0
+    today = datetime.now(UTC).date().isoformat()  # the store's first training started now
+    text = (pages / f"{today}.md").read_text()
     assert "## synthetic" in text and "| synthetic |" in text and "_no training runs recorded_" in text
-    assert main(["experiments", "nowhere", "--out", str(out)]) == 2
+    assert earlier.read_text() == "# Experiments of the tracking store started 2020-01-01\n"
+    listed = [line for line in index.read_text().splitlines() if line.startswith("- [")]
+    assert listed == [f"- [{today}](experiments/{today}.md)", "- [2020-01-01](experiments/2020-01-01.md)"]
+    assert main(["experiments", "nowhere", "--out", str(index)]) == 2
     assert "unknown dataset(s) nowhere" in capsys.readouterr().err

@@ -370,7 +370,7 @@ def test_gpu_stages_hold_a_slot_of_the_gpu_limit(project, prefect_server, tmp_pa
 def test_reproduce_runs_stages_in_order_one_gpu_stage_at_a_time(prefect_server, monkeypatch):
     calls = []
     monkeypatch.setattr(prefect_server["reproduce"], "dvc_repro",
-                        lambda targets, cwd, gpu=False: calls.append((targets[0], gpu)))
+                        lambda targets, cwd, gpu=False, single=False: calls.append((targets[0], gpu)))
     prefect_server["reproduce"].reproduce.fn(["synthetic"], ["full", "cls_det"], root=str(REPO), promote=False)
     assert calls == [("prepare@synthetic", False), ("train@synthetic", True), ("evaluate@synthetic", True),
                      ("train@synthetic-cls_det", True), ("evaluate@synthetic-cls_det", True),
@@ -379,7 +379,7 @@ def test_reproduce_runs_stages_in_order_one_gpu_stage_at_a_time(prefect_server, 
     prefect_server["reproduce"].reproduce.fn(["cfd"], root=str(REPO), benchmark=False, promote=False)
     assert [c for c, _ in calls] == ["prepare@cfd", "train@cfd", "evaluate@cfd", "train@cfd-cls_only",
                                      "evaluate@cfd-cls_only", "train@cfd-supervised", "evaluate@cfd-supervised",
-                                     "compare@cfd"]
+                                     "compare@cfd", "tune_crf@cfd", "report@cfd", "report_index"]
 
 
 def test_deploy_refuses_to_schedule_without_a_server(prefect_server, capsys):

@@ -1,4 +1,4 @@
-"""docs/results.md from metrics files: summary, targets, and the diagnosis chain with computed readings."""
+"""Results pages from metrics files: per-dataset pages with the diagnosis chain, and the index of their rows."""
 
 from __future__ import annotations
 
@@ -58,12 +58,34 @@ def test_diagnosis_reading_is_computed():
     assert report.diagnosis_reading([], None) == ""
 
 
-def test_write_report_has_summary_and_missing_datasets(tmp_path):
+def test_dataset_page_and_index(tmp_path):
     params = _project(tmp_path)
-    out = report.write_report(params, tmp_path / "results.md")
-    text = out.read_text()
-    summary = text.split("## How our setting")[0]
-    assert "| deepcrack | 1.000 | 2.000 | 3.000 | 4.000 | 45.000 | 69.148 | 60.000 | no | cpu | mobilenet_v2 | 20.000 |" \
-        in summary
-    assert "### Where the IoU is lost" in text and "| pseudo labels, selected epoch | val | 25.000 | epoch 6 |" in text
-    assert "_missing: `" in text  # CFD and CRACK500 have no files here: said, not invented
+    pages = tmp_path / "docs" / "results"
+    page = report.write_dataset_report(params, "deepcrack", pages).read_text()
+    row = "| deepcrack | 1.000 | 2.000 | 3.000 | 4.000 | 45.000 | 69.148 | 60.000 | no | cpu | mobilenet_v2 | 20.000 |"
+    assert row in page
+    assert "## Where the IoU is lost" in page and "| pseudo labels, selected epoch | val | 25.000 | epoch 6 |" in page
+    assert "_missing: `" in page  # no ablation/comparison/benchmark files here: said, not invented
+    assert json.loads((pages / "deepcrack.json").read_text())["iou"] == 45.0
+
+    (pages / "archive").mkdir()
+    (pages / "archive" / "2026-12-01.md").write_text("# Results\n")
+    index = report.write_index(pages, tmp_path / "docs" / "results.md").read_text()
+    summary = index.split("## Per-dataset pages")[0]
+    assert row in summary  # the page's row, read back from its JSON
+    assert "| cfd | – | – | – | – | – | 38.184 | – | no page yet |" in summary  # missing, with the paper's IoU
+    assert "- [deepcrack](results/deepcrack.md)" in index and "dvc repro report@crack500" in index
+    assert "- [2026-12-01](results/archive/2026-12-01.md)" in index
+
+
+def test_report_cli_writes_only_the_pages_asked_for(tmp_path, capsys):
+    from wpcrack.cli import main
+
+    params = _project(tmp_path)
+    pages, index = tmp_path / "pages", tmp_path / "results.md"
+    assert main(["report", "deepcrack", "--params", str(params), "--pages", str(pages), "--out", str(index)]) == 0
+    assert sorted(p.name for p in pages.iterdir()) == ["deepcrack.json", "deepcrack.md"] and not index.exists()
+    assert main(["report", "--index", "--params", str(params), "--pages", str(pages), "--out", str(index)]) == 0
+    assert index.is_file() and not (pages / "cfd.md").exists()
+    assert main(["report", "synthetic", "--params", str(params), "--pages", str(pages)]) == 2
+    assert "no results page for dataset 'synthetic'" in capsys.readouterr().err

@@ -123,9 +123,16 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from wpcrack.evaluate.report import write_report
+    from wpcrack.evaluate.report import REAL_DATASETS, check_dataset, write_dataset_report, write_index
 
-    write_report(Path(args.params), Path(args.out))
+    pages_dir = Path(args.pages)
+    datasets = args.datasets if (args.datasets or args.index) else list(REAL_DATASETS)
+    for dataset in datasets:
+        check_dataset(dataset)
+    for dataset in datasets:
+        print(f"{dataset}: {write_dataset_report(Path(args.params), dataset, pages_dir)}")
+    if args.index or not args.datasets:
+        print(f"index: {write_index(pages_dir, Path(args.out))}")
 
 
 def cmd_experiments(args: argparse.Namespace) -> None:
@@ -137,7 +144,7 @@ def cmd_experiments(args: argparse.Namespace) -> None:
     unknown = [d for d in datasets if d not in DATASET_NAMES]
     if unknown:
         raise ConfigError(f"unknown dataset(s) {', '.join(unknown)}; expected {', '.join(DATASET_NAMES)}")
-    out = write_experiments(datasets, Path(args.out))
+    out = write_experiments(datasets, Path(args.pages), Path(args.out))
     print(f"wpcrack experiments: {', '.join(datasets)} -> {out}")
 
 
@@ -248,9 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("report", help="write docs/results.md from the pipeline's metrics files")
+    p = sub.add_parser("report", help="write the results pages from the pipeline's metrics files "
+                       "(no argument: every dataset's page and the index)")
+    p.add_argument("datasets", nargs="*", help="write docs/results/<dataset>.md (and .json) for these datasets")
+    p.add_argument("--index", action="store_true", help="write the index docs/results.md from the pages' JSON")
     p.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
-    p.add_argument("--out", default="docs/results.md", help="output file (default: docs/results.md)")
+    p.add_argument("--pages", default="docs/results", help="per-dataset pages folder (default: docs/results)")
+    p.add_argument("--out", default="docs/results.md", help="index file (default: docs/results.md)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("tune-crf", help="score denseCRF pseudo-label settings against the masks of a train/val split")
@@ -277,9 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_promote)
 
-    p = sub.add_parser("experiments", help="write docs/experiments.md: every training tried and what it gave (MLflow)")
+    p = sub.add_parser("experiments", help="write this MLflow store's page of every training tried and what it "
+                       "gave, and the index docs/experiments.md")
     p.add_argument("datasets", nargs="*", metavar="DATASET", help="datasets (default: deepcrack cfd crack500)")
-    p.add_argument("--out", default="docs/experiments.md", help="output file (default: docs/experiments.md)")
+    p.add_argument("--pages", default="docs/experiments", help="pages folder (default: docs/experiments)")
+    p.add_argument("--out", default="docs/experiments.md", help="index file (default: docs/experiments.md)")
     p.set_defaults(func=cmd_experiments)
     return parser
 

@@ -57,6 +57,7 @@ class DeepCrackPrepare:
     image_size: int = 256
     nocrack_patches: int = 296
     nocrack_patch_size: int = 128
+    nocrack_scale: Literal["photo", "matched"] = "photo"
     val_fraction: float = 0.1
     eval_size: int = 256
 
@@ -77,6 +78,7 @@ class Crack500Prepare:
     image_size: int = 256
     nocrack_crops: int = 756
     nocrack_crop_size: int = 128
+    nocrack_scale: Literal["photo", "matched"] = "photo"
 
 
 @dataclass(frozen=True)

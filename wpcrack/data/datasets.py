@@ -60,8 +60,14 @@ def _crop(rgb: np.ndarray, mask: np.ndarray, size: int, rng: np.random.Generator
 
 def augment(rgb: np.ndarray, mask: np.ndarray, rng: np.random.Generator, crop_size: int | None,
             scale_range: tuple[float, float] = (0.75, 1.25), flip: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Random rescale (bilinear image, nearest mask), horizontal flip, then random crop."""
+    """Random rescale (bilinear image, nearest mask), horizontal flip, then random crop.
+
+    The rescale never shrinks an image below the crop: the padding that would follow is a cue of its own
+    when only the small (crack-free) patches get it.
+    """
     s = float(rng.uniform(*scale_range))
+    if crop_size:
+        s = max(s, min(1.0, crop_size / min(mask.shape)))
     if s != 1.0:
         h, w = mask.shape
         size = (max(int(round(w * s)), 1), max(int(round(h * s)), 1))

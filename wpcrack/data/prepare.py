@@ -159,9 +159,13 @@ def free_windows(mask: np.ndarray, size: int) -> np.ndarray:
 
 
 def cut_nocrack(writer: _Writer, split: str, items: list[Item], count: int, size: int, out_size: int,
-                rng: np.random.Generator) -> int:
+                rng: np.random.Generator, matched: bool = False) -> int:
     """Cut ``count`` crack-free squares, cycling over the shuffled sources so patches spread out.
 
+    ``matched=False`` (the paper's wording): ``size`` px squares of the photo, rescaled to ``out_size``.
+    ``matched=True``: ``size`` px squares of the photo after it is rescaled to ``out_size`` like the
+    crack images, kept at ``size`` px, so crack and no-crack images share scale and interpolation and
+    the classifier cannot tell them apart by sharpness alone.
     Returns how many were made (fewer only when the sources run out of distinct free windows).
     """
     used: dict[int, set[int]] = {}
@@ -177,6 +181,8 @@ def cut_nocrack(writer: _Writer, split: str, items: list[Item], count: int, size
             item = items[i]
             rgb = read_image(item.image)
             mask = read_mask(item.mask, shape=rgb.shape[:2])
+            if matched:
+                rgb, mask = resize(rgb, out_size), resize_mask(mask, out_size)
             free = np.setdiff1d(free_windows(mask, size), list(used.get(i, ())))
             if free.size == 0:
                 exhausted.add(i)
@@ -184,9 +190,8 @@ def cut_nocrack(writer: _Writer, split: str, items: list[Item], count: int, size
             k = int(rng.choice(free))
             used.setdefault(i, set()).add(k)
             y, x = divmod(k, mask.shape[1] - size + 1)
-            patch = resize(rgb[y:y + size, x:x + size], out_size)
-            writer.add(split, f"{item.name}_nc{y}_{x}", patch, np.zeros((out_size, out_size), np.uint8), 0,
-                       item.source_id)
+            patch = rgb[y:y + size, x:x + size] if matched else resize(rgb[y:y + size, x:x + size], out_size)
+            writer.add(split, f"{item.name}_nc{y}_{x}", patch, np.zeros(patch.shape[:2], np.uint8), 0, item.source_id)
             made += 1
     return made
 
@@ -209,11 +214,12 @@ def _rescaled_rows(writer: _Writer, split_of: dict[str, str], items: list[Item],
 
 
 def _nocrack_rows(writer: _Writer, split_of: dict[str, str], items: list[Item], total: int, size: int,
-                  out_size: int, rng: np.random.Generator) -> dict[str, int]:
+                  out_size: int, rng: np.random.Generator, scale: str = "photo") -> dict[str, int]:
     """Crack-free patches from the train and val sources, shared in proportion to their images."""
     by_split = {s: [it for it in items if split_of[it.source_id] == s] for s in ("train", "val")}
     wanted = _proportional(total, {s: len(v) for s, v in by_split.items()})
-    made = {s: cut_nocrack(writer, s, by_split[s], wanted[s], size, out_size, rng) for s in by_split}
+    made = {s: cut_nocrack(writer, s, by_split[s], wanted[s], size, out_size, rng, matched=scale == "matched")
+            for s in by_split}
     return {s: wanted[s] - made[s] for s in made if wanted[s] > made[s]}
 
 
@@ -235,7 +241,7 @@ def _deepcrack(p: PrepareConfig, raw: Path, writer: _Writer) -> dict:
     split_of = split_sources((it.source_id for it in train), {"val": c.val_fraction}, np.random.default_rng([p.seed, 0]))
     _rescaled_rows(writer, split_of, train, c.image_size, p.min_crack_pixels)
     short = _nocrack_rows(writer, split_of, train, c.nocrack_patches, c.nocrack_patch_size, c.image_size,
-                          np.random.default_rng([p.seed, 1]))
+                          np.random.default_rng([p.seed, 1]), c.nocrack_scale)
     for item in _progress(test, "deepcrack test"):
         writer.add_original("test", item, p.min_crack_pixels)
     return {"dropped_test_overlap": len(dropped), **({"nocrack_shortfall": short} if short else {})}
@@ -289,7 +295,7 @@ def _crack500(p: PrepareConfig, raw: Path, writer: _Writer) -> dict:
     trainval = [it for it in named if split_of[it.source_id] != "test"]
     _rescaled_rows(writer, split_of, trainval, c.image_size, p.min_crack_pixels)
     short = _nocrack_rows(writer, split_of, trainval, c.nocrack_crops, c.nocrack_crop_size, c.image_size,
-                          np.random.default_rng([p.seed, 1]))
+                          np.random.default_rng([p.seed, 1]), c.nocrack_scale)
     for item in _progress(test, "crack500 test"):
         writer.add_original("test", item, p.min_crack_pixels)
     return {"nocrack_shortfall": short} if short else {}

@@ -1,13 +1,19 @@
-"""docs/results.md, generated from the pipeline's files (never typed in): `dvc repro report`."""
+"""Results pages generated from the pipeline's files (never typed in).
+
+`docs/results/<dataset>.md` per dataset (`dvc repro report@<dataset>`) and the index `docs/results.md`
+(`dvc repro report_index`) that sets the datasets' summary rows side by side.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import yaml
 
 from wpcrack.config import load_config
+from wpcrack.errors import ConfigError
 from wpcrack.evaluate import paper
 from wpcrack.evaluate.tables import SPLIT_NOTES, read_metrics, to_markdown
 from wpcrack.io import atomic_path
@@ -47,27 +53,33 @@ def _run_setting(models_dir: Path, dataset: str) -> dict:
     }
 
 
-def summary_rows(results_dir: Path, models_dir: Path) -> list[dict]:
-    rows = []
-    for dataset in REAL_DATASETS:
-        ours = (read_metrics(results_dir, dataset, "full") or {}).get("detector") or {}
-        setting = _run_setting(models_dir, dataset)
-        train = _read_json(models_dir / dataset / "full" / "train_metrics.json")
-        target = TARGET_IOU.get(setting["profile"], {}).get(dataset)
-        published = paper.COMPARISON[dataset]["WP-CrackNet"][1]
-        iou = ours.get("iou")
-        rows.append({
-            "dataset": dataset,
-            **{k: ours.get(k) for k in paper.PRIMARY},
-            "paper_iou": published[4],
-            "target_iou": target,
-            "target_met": None if iou is None or target is None else ("yes" if iou >= target else "no"),
-            "profile": setting["profile"],
-            "backbone": setting["backbone"],
-            "train_minutes": (train.get("train_seconds") / 60.0) if train.get("train_seconds") else None,
-            "hardware": train.get("hardware"),
-        })
-    return rows
+SUMMARY_COLUMNS = ("dataset", *paper.PRIMARY, "paper_iou", "target_iou", "target_met", "profile", "backbone",
+                   "train_minutes", "hardware")
+
+
+def _relative(path: Path, page: Path) -> str:
+    return Path(os.path.relpath(path, page.parent)).as_posix()
+
+
+def summary_row(results_dir: Path, models_dir: Path, dataset: str) -> dict:
+    """The full model's test metrics beside the paper's IoU and the issue's target for its profile."""
+    ours = (read_metrics(results_dir, dataset, "full") or {}).get("detector") or {}
+    setting = _run_setting(models_dir, dataset)
+    train = _read_json(models_dir / dataset / "full" / "train_metrics.json")
+    target = TARGET_IOU.get(setting["profile"], {}).get(dataset)
+    published = paper.COMPARISON[dataset]["WP-CrackNet"][1]
+    iou = ours.get("iou")
+    return {
+        "dataset": dataset,
+        **{k: ours.get(k) for k in paper.PRIMARY},
+        "paper_iou": published[4],
+        "target_iou": target,
+        "target_met": None if iou is None or target is None else ("yes" if iou >= target else "no"),
+        "profile": setting["profile"],
+        "backbone": setting["backbone"],
+        "train_minutes": (train.get("train_seconds") / 60.0) if train.get("train_seconds") else None,
+        "hardware": train.get("hardware"),
+    }
 
 
 # The two rows diagnosis_reading compares.
@@ -134,52 +146,105 @@ def diagnosis_reading(rows: list[dict], target: float | None) -> str:
     return " ".join(said)
 
 
-def write_report(params: Path, out: Path) -> Path:
+DIFFERENCES = (
+    "- Backbone: the paper uses ResNet38d with ImageNet weights converted from MXNet, which cannot be "
+    "obtained here. The `paper` profile uses ResNet38d from random initialisation (or a weight file you "
+    "supply); the `cpu` profile uses an ImageNet-pretrained MobileNetV2 with output stride 8.\n"
+    "- Training size: the `cpu` profile trains on smaller crops and far fewer epochs than the paper's "
+    "200 epochs at 256x256 (see each page's setting and params.yaml).\n"
+    "- CRACK500: only the 1,896 official training crops are available; our test set is carved from them "
+    "by source photo, so CRACK500 numbers are not comparable with the paper's official test set.\n"
+    "- CFD: our seeded 70/48 split (the paper publishes none).\n"
+    "- Model selection uses a validation split carved from the training data, never the test set "
+    "(the released code selects on the test set).\n"
+)
+
+PROTOCOL = ("Metrics are percent on the test set with the protocol of design.md section 1 (counts summed over "
+            "all test pixels, threshold 0.5, DeepCrack scored at 256x256).")
+
+
+def check_dataset(dataset: str) -> None:
+    if dataset not in REAL_DATASETS:
+        raise ConfigError(f"no results page for dataset {dataset!r}; expected one of {', '.join(REAL_DATASETS)}")
+
+
+def write_dataset_report(params: Path, dataset: str, out_dir: Path) -> Path:
+    """``<out_dir>/<dataset>.md`` and its summary row ``<dataset>.json`` (what the index page reads).
+
+    One page per dataset so that each dataset's chain can be rerun, and its page regenerated, on its own.
+    """
+    check_dataset(dataset)
     cfg = load_config(params)
     results_dir, models_dir, reports_dir = Path(cfg.paths.results), Path(cfg.paths.models), Path(cfg.paths.reports)
     import pandas as pd
 
+    summary = summary_row(results_dir, models_dir, dataset)
+    setting = _run_setting(models_dir, dataset)
+    diag = diagnosis_rows(results_dir, models_dir, reports_dir, dataset)
+    parts = [
+        f"# Results: {dataset}\n",
+        f"Generated by `wpcrack report {dataset}` (`dvc repro report@{dataset}`) from the pipeline's metrics "
+        f"files; do not edit by hand. {PROTOCOL}\n",
+        SPLIT_NOTES[dataset] + "\n",
+        "Setting of the full model: " + ", ".join(f"{k} {v}" for k, v in setting.items()) + ".\n",
+        "## Summary (WP-CrackNet, full model)\n",
+        to_markdown(pd.DataFrame([summary])),
+        "\n## Ablation (paper Table 1)\n",
+        _strip_title(_read_text(reports_dir / dataset / "ablation.md")),
+        "\n## Comparison (paper Tables 2-4)\n",
+        _strip_title(_read_text(reports_dir / dataset / "comparison.md")),
+        "\n## Where the IoU is lost\n",
+        "IoU in percent against the pixel masks of the images named (training and val masks are used "
+        "for this monitoring only, never by a loss).\n",
+        to_markdown(pd.DataFrame(diag)),
+        diagnosis_reading(diag, summary["target_iou"]) + "\n",
+        "\n## Benchmark\n",
+        _strip_title(_read_text(reports_dir / "benchmark" / f"{dataset}.md")),
+        f"\nPaper, Table 5: WP-CrackNet has {paper.WPCRACKNET_PARAMS_M} M parameters and runs at "
+        f"{paper.WPCRACKNET_FPS_RTX3090} FPS on an RTX 3090 at 256x256.\n",
+    ]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    page = out_dir / f"{dataset}.md"
+    with atomic_path(page) as tmp:
+        tmp.write_text("\n".join(parts))
+    with atomic_path(out_dir / f"{dataset}.json") as tmp:
+        tmp.write_text(json.dumps({**summary, "setting": setting}, indent=2) + "\n")
+    return page
+
+
+def write_index(pages_dir: Path, out: Path) -> Path:
+    """``docs/results.md``: the summary rows of the per-dataset pages, side by side, with links.
+
+    Reads only the pages' JSON files (never a metrics file), so a dataset rerun on one machine and
+    another rerun elsewhere meet here; a dataset without a page is said to be missing.
+    """
+    import pandas as pd
+
+    rows, pages = [], []
+    for dataset in REAL_DATASETS:
+        row = _read_json(pages_dir / f"{dataset}.json")
+        row.pop("setting", None)
+        rows.append(row or {"dataset": dataset, "paper_iou": paper.COMPARISON[dataset]["WP-CrackNet"][1][4],
+                            "target_met": "no page yet"})
+        pages.append(f"- [{dataset}]({_relative(pages_dir / f'{dataset}.md', out)})" if row else
+                     f"- {dataset}: no page yet (`dvc repro report@{dataset}` runs its chain and writes it)")
+    earlier = sorted((pages_dir / "archive").glob("*.md")) if (pages_dir / "archive").is_dir() else []
     parts = [
         "# Results\n",
-        "Generated by `wpcrack report` (`dvc repro report`) from the pipeline's metrics files; do not edit "
-        "by hand. Metrics are percent on each test set with the protocol of design.md section 1 (counts "
-        "summed over all test pixels, threshold 0.5, DeepCrack scored at 256x256).\n",
+        "Generated by `wpcrack report --index` (`dvc repro report_index`) from the per-dataset pages' JSON "
+        f"files; do not edit by hand. {PROTOCOL}\n",
         "## Summary (WP-CrackNet, full model)\n",
-        to_markdown(pd.DataFrame(summary_rows(results_dir, models_dir))),
+        to_markdown(pd.DataFrame(rows, columns=SUMMARY_COLUMNS)),
+        "\n## Per-dataset pages\n",
+        "Ablation, comparison with the paper, where the IoU is lost, and the benchmark:\n",
+        "\n".join(pages) + "\n",
         "\n## How our setting differs from the paper\n",
-        "- Backbone: the paper uses ResNet38d with ImageNet weights converted from MXNet, which cannot be "
-        "obtained here. The `paper` profile uses ResNet38d from random initialisation (or a weight file you "
-        "supply); the `cpu` profile uses an ImageNet-pretrained MobileNetV2 with output stride 8.\n"
-        "- Training size: the `cpu` profile trains on smaller crops and far fewer epochs than the paper's "
-        "200 epochs at 256x256 (see the profile and epochs columns above and params.yaml).\n"
-        "- CRACK500: only the 1,896 official training crops are available; our test set is carved from them "
-        "by source photo, so CRACK500 numbers are not comparable with the paper's official test set.\n"
-        "- CFD: our seeded 70/48 split (the paper publishes none).\n"
-        "- Model selection uses a validation split carved from the training data, never the test set "
-        "(the released code selects on the test set).\n",
+        DIFFERENCES,
     ]
-    for dataset in REAL_DATASETS:
-        diag = diagnosis_rows(results_dir, models_dir, reports_dir, dataset)
-        target = TARGET_IOU.get(_run_setting(models_dir, dataset)["profile"], {}).get(dataset)
-        parts += [
-            f"\n## {dataset}\n",
-            SPLIT_NOTES[dataset] + "\n",
-            "\n### Ablation (paper Table 1)\n",
-            _strip_title(_read_text(reports_dir / dataset / "ablation.md")),
-            "\n### Comparison (paper Tables 2-4)\n",
-            _strip_title(_read_text(reports_dir / dataset / "comparison.md")),
-            "\n### Where the IoU is lost\n",
-            "IoU in percent against the pixel masks of the images named (training and val masks are used "
-            "for this monitoring only, never by a loss).\n",
-            to_markdown(pd.DataFrame(diag)),
-            diagnosis_reading(diag, target) + "\n",
-            "\n### Benchmark\n",
-            _strip_title(_read_text(reports_dir / "benchmark" / f"{dataset}.md")),
-        ]
-    parts.append(
-        f"\nPaper, Table 5: WP-CrackNet has {paper.WPCRACKNET_PARAMS_M} M parameters and runs at "
-        f"{paper.WPCRACKNET_FPS_RTX3090} FPS on an RTX 3090 at 256x256.\n"
-    )
+    if earlier:
+        parts += ["\n## Earlier generated pages\n",
+                  "Whole-project pages of earlier runs, kept as they were generated:\n",
+                  "\n".join(f"- [{p.stem}]({_relative(p, out)})" for p in earlier) + "\n"]
     with atomic_path(out) as tmp:
         tmp.write_text("\n".join(parts))
     return out
