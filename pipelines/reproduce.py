@@ -4,9 +4,10 @@ Each step is one ``dvc repro <stage>`` task, so DVC decides what is up to date a
 ordering, retries of transient failures, one GPU stage at a time (the ``gpu`` concurrency limit,
 see ``pipelines.tasks``) and a record in Prefect. Runs come from ``runs:`` in params.yaml.
 ``compare@<dataset>`` reads every variant's results, so it runs only when no variant filter is
-given (otherwise DVC would train the missing variants for it), and so do ``tune_crf@<dataset>`` and the
-results page ``report@<dataset>``; the index ``report_index`` is rewritten at the end. After a dataset's
-full model is evaluated, its newest version becomes ``champion`` unless the champion has a better test IoU.
+given (otherwise DVC would train the missing variants for it); so do the diagnoses (``tune_crf@`` and
+``scale_check@<dataset>``) and the results page ``report@<dataset>``. The index ``report_index`` is
+rewritten at the end. After a dataset's full model is evaluated, its newest version becomes
+``champion`` unless the champion has a better test IoU.
 
     python -m pipelines.reproduce --datasets synthetic
     python -m pipelines.reproduce --datasets deepcrack cfd --variants full supervised
@@ -70,7 +71,7 @@ def reproduce(
             if benchmark and has_full:
                 dvc_repro([f"benchmark@{dataset}"], cwd=cwd, gpu=True)
             if compare and dataset in REAL_DATASETS:
-                dvc_repro([f"tune_crf@{dataset}"], cwd=cwd, gpu=True)
+                dvc_repro([f"tune_crf@{dataset}", f"scale_check@{dataset}"], cwd=cwd, gpu=True)
                 dvc_repro([f"report@{dataset}"], cwd=cwd, single=True)
                 reported = True
             summary[dataset] = {"runs": keys}

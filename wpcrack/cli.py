@@ -163,6 +163,19 @@ def cmd_tune_crf(args: argparse.Namespace) -> None:
     print(f"wpcrack tune-crf: {len(frame)} rows -> {out} (and .csv)")
 
 
+def cmd_scale_check(args: argparse.Namespace) -> None:
+    from wpcrack.scale_check import check, write
+
+    cfg = _config(args, args.dataset, args.variant)
+    model_dir, _ = _run_dirs(cfg, args.dataset, args.variant)
+    model_dir = Path(args.model_dir) if args.model_dir else model_dir
+    frame = check(cfg, model_dir, split=args.split, limit=args.limit, factor=args.factor)
+    out = Path(args.out) if args.out else Path(cfg.paths.reports) / args.dataset / "scale_check.md"
+    write(frame, cfg, model_dir, out)
+    print(frame.to_string(index=False))
+    print(f"wpcrack scale-check: -> {out} (and .csv)")
+
+
 def cmd_promote(args: argparse.Namespace) -> None:
     from wpcrack.tracking import CHAMPION, client, model_name, promote_champion
 
@@ -280,6 +293,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="Markdown output (default: reports/<dataset>/crf_tuning.md; CSV beside it)")
     _common(p)
     p.set_defaults(func=cmd_tune_crf)
+
+    p = sub.add_parser("scale-check", help="does the classifier find cracks or tell the classes apart by image scale?")
+    _dataset_arg(p)
+    p.add_argument("--variant", default="full", help="whose classifier: a trained variant (default: full)")
+    p.add_argument("--model-dir", help="trained model folder (default: models/<dataset>/<variant>)")
+    p.add_argument("--split", choices=("train", "val"), default="val", help="images to check (default: val)")
+    p.add_argument("--limit", type=int, default=64, help="images per class (default: 64)")
+    p.add_argument("--factor", type=float, default=2.0, help="shrink / blur factor (default: 2)")
+    p.add_argument("--out", help="Markdown output (default: reports/<dataset>/scale_check.md; CSV beside it)")
+    _common(p)
+    p.set_defaults(func=cmd_scale_check)
 
     p = sub.add_parser("promote", help="point the MLflow alias 'champion' at the best evaluated full model (if not worse)")
     _dataset_arg(p)

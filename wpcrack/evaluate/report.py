@@ -198,6 +198,8 @@ def write_dataset_report(params: Path, dataset: str, out_dir: Path) -> Path:
         "for this monitoring only, never by a loss).\n",
         to_markdown(pd.DataFrame(diag)),
         diagnosis_reading(diag, summary["target_iou"]) + "\n",
+        "\n## Does the classifier look at the cracks?\n",
+        _strip_title(_read_text(reports_dir / dataset / "scale_check.md")),
         "\n## Benchmark\n",
         _strip_title(_read_text(reports_dir / "benchmark" / f"{dataset}.md")),
         f"\nPaper, Table 5: WP-CrackNet has {paper.WPCRACKNET_PARAMS_M} M parameters and runs at "
