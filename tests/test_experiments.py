@@ -22,7 +22,8 @@ def store(tmp_path, monkeypatch):
 
 
 def _train(lr: float, val_scores: list[float], pseudo: float) -> None:
-    cfg = load_config(PARAMS, dataset="synthetic", overrides=[f"train.lr={lr}", f"paths.models=/tmp/m{lr}"])
+    cfg = load_config(PARAMS, dataset="synthetic", overrides=[f"train.lr={lr}", f"paths.models=/tmp/m{lr}",
+                                                              f"prepare.cfd.grid={int(lr * 100)}"])
     with tracking.start_run(cfg, stage="train@synthetic") as tracker:
         tracker.log_params(cfg.to_dict())
         for epoch, score in enumerate(val_scores, 1):
@@ -45,6 +46,7 @@ def test_rows_pair_each_training_with_the_evaluation_after_it(store):
     df = experiment_rows("synthetic")
     assert list(df["train.lr"]) == ["0.01", "0.02"]
     assert "paths.models" not in df and "model.backbone" not in df  # ignored, and equal in both
+    assert "prepare.cfd.grid" not in df  # another dataset's preparation
     first, second = df.iloc[0], df.iloc[1]
     assert first["best val score"] == pytest.approx(0.6) and first["val det IoU (best)"] == pytest.approx(0.3)
     assert first["epochs done"] == 3 and first["pseudo-label IoU (last)"] == pytest.approx(0.3)

@@ -23,7 +23,7 @@ from wpcrack.io import atomic_path
 
 # Parameters that describe where or how fast a run went, not what it learnt.
 IGNORED_PARAMS = ("paths.", "tracking.", "dist.", "pseudo_labels.workers", "train.num_workers", "train.amp",
-                  "train.channels_last", "evaluate.", "benchmark.", "prepare.")
+                  "train.channels_last", "evaluate.", "benchmark.")
 
 
 def _history(client, run_id: str, metric: str) -> list[float]:
@@ -51,8 +51,12 @@ def experiment_rows(dataset: str, experiment: str = "wpcrack") -> pd.DataFrame:
     if train.empty:
         return pd.DataFrame()
 
+    from wpcrack.config import DATASET_NAMES
+
+    # another dataset's preparation settings say nothing about this dataset's runs
+    others = tuple(f"prepare.{name}." for name in DATASET_NAMES if name != dataset)
     params = [c for c in train.columns if c.startswith("params.")
-              and not c.removeprefix("params.").startswith(IGNORED_PARAMS)]
+              and not c.removeprefix("params.").startswith(IGNORED_PARAMS + others)]
     varying = sorted(c for c in params if train[c].astype(str).nunique(dropna=False) > 1)
     mlflow_client = client()
     rows = []
