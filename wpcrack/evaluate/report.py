@@ -50,6 +50,7 @@ def _run_setting(models_dir: Path, dataset: str) -> dict:
         "pretrained": (cfg.get("model") or {}).get("pretrained", "?"),
         "crop_size": (cfg.get("train") or {}).get("crop_size", "?"),
         "epochs": (cfg.get("train") or {}).get("epochs", "?"),
+        "nocrack_scale": ((cfg.get("prepare") or {}).get(dataset) or {}).get("nocrack_scale", "–"),
     }
 
 
