@@ -55,6 +55,14 @@ def test_rows_pair_each_training_with_the_evaluation_after_it(store):
     assert experiment_rows("deepcrack").empty
 
 
+
+def test_a_lone_run_shows_what_it_changed_from_params_yaml(store):
+    _train(0.05, [0.5], pseudo=0.2)  # the smoke profile's lr is 0.01
+    assert "train.lr" not in experiment_rows("synthetic")  # nothing varies between rows
+    alone = experiment_rows("synthetic", params_file=PARAMS)
+    assert list(alone["train.lr"]) == ["0.05"] and "train.epochs" not in alone
+
+
 def test_cli_writes_a_page_per_store_and_the_index(store, capsys):
     pages, index = store / "experiments", store / "experiments.md"
     assert main(["experiments", "synthetic", "--pages", str(pages), "--out", str(index)]) == 2

@@ -144,7 +144,7 @@ def cmd_experiments(args: argparse.Namespace) -> None:
     unknown = [d for d in datasets if d not in DATASET_NAMES]
     if unknown:
         raise ConfigError(f"unknown dataset(s) {', '.join(unknown)}; expected {', '.join(DATASET_NAMES)}")
-    out = write_experiments(datasets, Path(args.pages), Path(args.out))
+    out = write_experiments(datasets, Path(args.pages), Path(args.out), params_file=Path(args.params))
     print(f"wpcrack experiments: {', '.join(datasets)} -> {out}")
 
 
@@ -317,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("datasets", nargs="*", metavar="DATASET", help="datasets (default: deepcrack cfd crack500)")
     p.add_argument("--pages", default="docs/experiments", help="pages folder (default: docs/experiments)")
     p.add_argument("--out", default="docs/experiments.md", help="index file (default: docs/experiments.md)")
+    p.add_argument("--params", default="params.yaml",
+                   help="show where a run differs from this parameter file (default: params.yaml)")
     p.set_defaults(func=cmd_experiments)
     return parser
 
