@@ -153,3 +153,21 @@ def test_smoke_profile_learns(tmp_path):
     iou = tp / (tp + fp + fn)
     all_crack = sum(m.sum() for m in masks) / sum(m.size for m in masks)
     assert iou > 0.2 and iou > 3 * all_crack, (iou, all_crack)
+
+
+def test_selection_prefers_a_learning_detector_to_an_empty_one():
+    """CFD picked an epoch-1 detector that marked nothing: its clean no-crack images outscored a real one."""
+    seen, cls_right = [10, 10], [9, 10]
+    empty = loop.selection_terms([0, 0, 500], cls_right, seen, clean=10, fired=0)
+    learning = loop.selection_terms([150, 200, 150], cls_right, seen, clean=7, fired=10)
+    assert empty == {"val_agreement_iou": 0.0, "val_cls_accuracy": 0.95, "val_det_accuracy": 0.5}
+    assert learning["val_agreement_iou"] == pytest.approx(0.3)
+    assert learning["val_det_accuracy"] == pytest.approx(0.85)
+    assert sum(learning.values()) > sum(empty.values())
+    painter = loop.selection_terms([500, 4000, 0], cls_right, seen, clean=0, fired=10)
+    assert painter["val_det_accuracy"] == 0.5
+
+
+def test_selection_leaves_out_a_class_without_val_images():
+    terms = loop.selection_terms([1, 1, 0], [0, 3], [0, 4], clean=0, fired=2)
+    assert terms == {"val_agreement_iou": 0.5, "val_cls_accuracy": 0.75, "val_det_accuracy": 0.5}
