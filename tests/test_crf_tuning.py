@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,8 @@ def trained(tmp_path_factory) -> tuple[Path, list[str]]:
 def test_parse_grid_and_settings():
     grid = crf_tuning.parse_grid(["bg_power=0.5,1", "gaussian=1,3"])
     assert grid == {"bg_power": [0.5, 1.0], "gaussian": [1.0, 3.0]}
-    base = load_config(PARAMS, dataset="deepcrack").pseudo_labels  # cpu profile: bg 0.5, gaussian 1/1
+    base = dataclasses.replace(load_config(PARAMS, dataset="deepcrack").pseudo_labels,
+                               bg_power=0.5, gaussian_sxy=1.0, gaussian_compat=1.0)
     candidates = crf_tuning.settings(base, grid)
     assert len(candidates) == 4 and candidates[0] == base  # base is in the grid: not added twice
     assert {(p.bg_power, p.gaussian_sxy, p.gaussian_compat) for p in candidates} == {
