@@ -74,10 +74,11 @@ def test_cli_writes_a_page_per_store_and_the_index(store, capsys):
     _train(0.01, [0.5], pseudo=0.2)
     assert main(["experiments", "synthetic", "deepcrack", "--pages", str(pages), "--out", str(index)]) == 0
     today = datetime.now(UTC).date().isoformat()  # the store's first training started now
-    text = (pages / f"{today}.md").read_text()
+    (page,) = pages.glob(f"{today}-[0-9][0-9][0-9][0-9].md")
+    text = page.read_text()
     assert "## synthetic" in text and "| synthetic |" in text and "_no training runs recorded_" in text
     assert earlier.read_text() == "# Experiments of the tracking store started 2020-01-01\n"
     listed = [line for line in index.read_text().splitlines() if line.startswith("- [")]
-    assert listed == [f"- [{today}](experiments/{today}.md)", "- [2020-01-01](experiments/2020-01-01.md)"]
+    assert listed == [f"- [{page.stem}](experiments/{page.name})", "- [2020-01-01](experiments/2020-01-01.md)"]
     assert main(["experiments", "nowhere", "--out", str(index)]) == 2
     assert "unknown dataset(s) nowhere" in capsys.readouterr().err
