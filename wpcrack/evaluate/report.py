@@ -156,6 +156,11 @@ DIFFERENCES = (
     "- CRACK500: only the 1,896 official training crops are available; our test set is carved from them "
     "by source photo, so CRACK500 numbers are not comparable with the paper's official test set.\n"
     "- CFD: our seeded 70/48 split (the paper publishes none).\n"
+    "- Crack-free patches: the paper cuts them from training images and resizes them to the image size; "
+    "enlarged patches let the classifier tell the classes apart by scale, so `prepare.<dataset>.nocrack_scale` "
+    "can keep them at the crack images' scale instead (each page's setting names the one used; docs/data.md).\n"
+    "- denseCRF: the paper gives no settings; the base sections keep the released code's, the `cpu` profile "
+    "changes the smoothness term and the background power (docs/method.md).\n"
     "- Model selection uses a validation split carved from the training data, never the test set "
     "(the released code selects on the test set).\n"
 )
