@@ -123,7 +123,8 @@ def diagnosis_rows(results_dir: Path, models_dir: Path, reports_dir: Path, datas
         current = crf[crf["setting"] == "current params.yaml"]
         rows.append(("pseudo labels, best CRF setting of `wpcrack tune-crf`", "training crops",
                      _percent(top["IoU"]), f"{top['setting']} (current setting: "
-                     f"{_percent(current['IoU'].iloc[0]) if len(current) else float('nan'):.1f})"))
+                     f"{_percent(current['IoU'].iloc[0]) if len(current) else float('nan'):.1f}; "
+                     "label IoU only: what a retrain with it gave is in docs/experiments.md)"))
     rows += [
         (DETECTOR_STEP, "test", _iou(full, "detector"), ""),
         (UPPER_BOUND_STEP, "test", _iou(supervised, "detector"), ""),
