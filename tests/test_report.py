@@ -46,7 +46,7 @@ def test_diagnosis_rows_follow_the_chain(tmp_path):
     assert iou == [9.0, 20.0, 25.0, 11.0, 30.0, 45.0, 50.0]  # fractions become percent
     assert rows[1]["note"] == "75 % kept" and rows[2]["note"] == "epoch 6"
     # the best CRF row skips the plain CAM threshold and names the current setting's IoU
-    assert rows[4]["note"] == "bg_power 1 (current setting: 10.0)"
+    assert rows[4]["note"].startswith("bg_power 1 (current setting: 10.0; label IoU only")
 
 
 def test_diagnosis_reading_is_computed():
