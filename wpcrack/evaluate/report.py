@@ -161,7 +161,7 @@ DIFFERENCES = (
     "enlarged patches let the classifier tell the classes apart by scale, so `prepare.<dataset>.nocrack_scale` "
     "can keep them at the crack images' scale instead (each page's setting names the one used; docs/data.md).\n"
     "- denseCRF: the paper gives no settings; the base sections keep the released code's, the `cpu` profile "
-    "changes the smoothness term and the background power (docs/method.md).\n"
+    "weakens the smoothness term (docs/method.md).\n"
     "- Model selection uses a validation split carved from the training data, never the test set "
     "(the released code selects on the test set).\n"
 )
