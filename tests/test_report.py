@@ -53,8 +53,12 @@ def test_diagnosis_reading_is_computed():
     rows = [{"step": "detector trained on the pseudo labels (WP-CrackNet)", "iou": 45.0},
             {"step": "the same detector trained on pixel masks (upper bound)", "iou": 50.0}]
     text = report.diagnosis_reading(rows, 60.0)
+    assert text.startswith("The target (60) is missed by 15.0 points.")
     assert "(50.0 < 60)" in text and "reaches 90 % of the IoU" in text and "is met" not in text
     assert report.diagnosis_reading(rows, 40.0).startswith("The target (40) is met.")
+    labels = {"step": "pseudo labels", "iou": 30.0}
+    assert "above the pseudo labels the CRF makes of its CAMs (45.0 vs 30.0)" in report.diagnosis_reading([*rows, labels], 60.0)
+    assert "detector is the lever" in report.diagnosis_reading([*rows, {**labels, "iou": 50.0}], 60.0)
     assert report.diagnosis_reading([], None) == ""
 
 
