@@ -145,7 +145,7 @@ def write_experiments(datasets: list[str], pages_dir: Path, index: Path, experim
     with atomic_path(page) as tmp:
         tmp.write_text("\n".join(parts))
     links = [f"- [{p.stem}]({Path(os.path.relpath(p, index.parent)).as_posix()})"
-             for p in sorted(pages_dir.glob("*.md"), reverse=True)]
+             for p in sorted(pages_dir.glob("*.md"), key=lambda p: p.stem, reverse=True)]
     with atomic_path(index) as tmp:
         tmp.write_text("\n".join([
             "# Experiments\n",
