@@ -12,7 +12,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup demo test test-slow data clean-demo
+.PHONY: setup demo test test-slow data clean-demo gpu-check gpu-wheels
 
 setup: $(VENV)/.installed
 
@@ -39,3 +39,34 @@ test-slow: setup
 # Download (or copy from $$WPCRACK_MIRROR) and prepare the three real datasets.
 data: setup
 	dvc repro prepare@deepcrack prepare@cfd prepare@crack500
+
+# The GPU check (README, "Checking a GPU machine"): the gpu tests, a short paper-profile training,
+# benchmark and evaluation, stopping by itself within 7.5 minutes, into $(OUT)/gpu_check.{json,md,log}.
+# `make gpu-check ARGS=--dry-run` is the tiny CPU rehearsal that CI runs (tests/test_gpu_check.py).
+# It uses .venv where `make setup` made it, else $(GPU_PYTHON) (a GPU image's python3 with torch),
+# which installs what it lacks from .whl/ (`make gpu-wheels`, run where PyPI is reachable).
+OUT ?= reports/gpu_check
+ARGS ?=
+GPU_PYTHON ?= $(if $(wildcard $(VENV)/.installed),$(abspath $(BIN)/python),python3)
+
+gpu-check:
+	$(GPU_PYTHON) -m wpcrack.gpu_check --out $(OUT) $(ARGS)
+
+# Wheels (CPython $(GPU_PY), x86-64, versions from constraints.txt) of what a GPU image with torch,
+# numpy, pandas, opencv, scipy and pytest lacks; pydensecrf2 is built here with a Python $(GPU_PY) when
+# there is one (else its source is fetched, which needs Cython 0.29 where it is built). .whl/ is
+# git-ignored: copy it along with the repository to the GPU machine.
+GPU_PY ?= 3.12
+GPU_WHEELS := pandera pydantic pydantic-core annotated-types typing-inspection typeguard typing-extensions \
+	typing-inspect mypy-extensions packaging
+gpu-wheels: setup
+	$(BIN)/pip download --quiet -c constraints.txt --no-deps --only-binary=:all: --python-version $(GPU_PY) \
+	  --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  --platform manylinux_2_28_x86_64 -d .whl $(GPU_WHEELS)
+	@py=""; for p in python$(GPU_PY) $$HOME/.pyenv/versions/$(GPU_PY)*/bin/python$(GPU_PY); do \
+	  if $$p -c "" 2>/dev/null; then py=$$p; break; fi; done; \
+	if [ -n "$$py" ]; then echo "pydensecrf2: building a wheel with $$py"; \
+	  $$py -m pip wheel --quiet --no-deps -c constraints.txt -w .whl pydensecrf2; \
+	else echo "pydensecrf2: no Python $(GPU_PY) here, fetching the source"; \
+	  $(BIN)/pip download --quiet -c constraints.txt --no-deps --no-binary=:all: -d .whl pydensecrf2; fi
+	@ls .whl

@@ -123,3 +123,38 @@ def test_synthetic_is_fast():
     for i in range(20):
         make_image(0, "train", i, 96, crack=i % 2 == 0)
     assert time.perf_counter() - start < 1.0
+
+
+def test_whole_image_pseudo_labels_are_cropped_and_flipped_with_the_image(manifest):
+    ds = WeakDataset(manifest, "train", crop_size=24, augment=True, seed=2)
+    plain = ds[0]
+    rgb, _, _ = ds.raw(0)
+    # A label that encodes each pixel's column parity in the image: it must follow the crop and flip.
+    label = (np.arange(rgb.shape[1])[None, :] % 2).repeat(rgb.shape[0], 0).astype(np.uint8)
+    label[:, 0] = 255
+    ds.pseudo = {0: label}
+    item = ds[0]
+    assert torch.equal(item["rgb"], plain["rgb"]) and torch.equal(item["mask"], plain["mask"])
+    assert item["has_pseudo"] is True and ds[1]["has_pseudo"] is False and ds[1]["pseudo"].sum() == 0
+    cols = item["pseudo"][0]
+    assert set(cols.unique().tolist()) <= {0.0, 1.0, 255.0}
+    assert all(len(set(cols[:, j].tolist())) == 1 for j in range(cols.shape[1]))  # whole columns
+    ds.pseudo = {0: label[:-1]}
+    with pytest.raises(DataError, match="pseudo label"):
+        ds[0]
+
+
+def test_corrupt_image_in_a_worker_is_a_data_error_naming_the_file(manifest, tmp_path):
+    """The paper profile loads with workers: a corrupt file must still reach the CLI as a DataError."""
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(manifest.parent, root)
+    ds = WeakDataset(root / manifest.name, "train", crop_size=32)
+    bad = root / ds.frame.iloc[0]["image"]
+    bad.write_bytes(b"not a png")
+    loader = DataLoader(torch.utils.data.Subset(ds, [0]), batch_size=1, num_workers=1)
+    with pytest.raises(DataError) as info:
+        next(iter(loader))
+    assert info.value.path == bad, str(info.value)
+    assert info.value.problem and "Traceback" not in str(info.value)

@@ -100,6 +100,32 @@ def test_missing_mirror_file(tmp_path, monkeypatch, tiny_zip):
     assert not (tmp_path / "raw" / "deepcrack").exists()
 
 
+@pytest.mark.parametrize("member", ["../escaped.txt", "train_img/../../escaped.txt", "ABSOLUTE"])
+def test_zip_slip_member_is_refused_and_nothing_is_written(tmp_path, monkeypatch, capsys, member):
+    """A malicious archive (a member escaping the output folder) stops the download with a clear
+    error before anything is extracted: no file outside the target, no partial target."""
+    if member == "ABSOLUTE":
+        member = str(tmp_path / "escaped.txt")
+    archive = tmp_path / "mirror" / "Tiny" / "evil.zip"
+    archive.parent.mkdir(parents=True)
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("train_img/a.png", b"harmless member first")
+        zf.writestr(zipfile.ZipInfo(member), b"written outside the target")  # ZipInfo keeps the name as is
+    with zipfile.ZipFile(archive) as zf:
+        assert member in zf.namelist()
+    monkeypatch.setitem(sources.DATASETS, "deepcrack", _spec(archive, _sha(archive)))
+    raw = tmp_path / "raw"
+
+    with pytest.raises(DataError, match=r"evil\.zip: unsafe member path .* in archive") as err:
+        download(["deepcrack"], raw, mirror=tmp_path / "mirror")
+    assert repr(member) in str(err.value) and "\n" not in str(err.value)
+    assert list(tmp_path.rglob("escaped.txt")) == []  # nothing escaped, wherever it aimed
+    assert list(raw.iterdir()) == []  # no target, no partial or temporary folder
+    assert main(["download", "deepcrack", "--mirror", str(tmp_path / "mirror"), "--data-dir", str(tmp_path)]) == 2
+    assert "unsafe member path" in capsys.readouterr().err  # the CLI prints it, exit 2
+    assert list(tmp_path.rglob("escaped.txt")) == [] and list(raw.iterdir()) == []
+
+
 def test_unknown_dataset_lists_valid_names(tmp_path):
     with pytest.raises(DataError, match="nope: unknown dataset; valid: deepcrack, cfd, crack500, synthetic"):
         download(["nope"], tmp_path / "raw")

@@ -182,9 +182,13 @@ def test_evaluate_end_to_end_on_synthetic_data(tmp_path, monkeypatch, tiny_model
     metrics = run.evaluate(cfg, tmp_path, out)
     assert len(tracked) == 1
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
-    for mode in ("detector", "cam", "cam_crf"):
+    for mode in run.MODES:
         assert {"precision", "recall", "accuracy", "f1", "iou", "extra_miou", "extra_ods_f1"} <= set(metrics[mode])
         assert metrics[mode]["images"] == 3
+    assert metrics["detector_ungated"]["counts"] == metrics["detector"]["counts"]  # synthetic is not gated
+    assert metrics["gate"]["tiles"] == 3 and 0 <= metrics["gate"]["skipped"] <= 3
+    if metrics["gate"]["skipped"] == 0:
+        assert metrics["detector_gated"]["counts"] == metrics["detector"]["counts"]
     assert len(list((out / "predictions").glob("*.png"))) == 3
     assert (out / "figure.png").stat().st_size > 1000
     assert (out / "pr_curve.csv").read_text().splitlines()[0] == "threshold,precision,recall,f1,iou"

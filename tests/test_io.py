@@ -36,3 +36,21 @@ def test_atomic_dir_replaces_only_on_success(tmp_path):
             raise RuntimeError("boom")
     assert sorted(p.name for p in target.iterdir()) == ["a"]
     assert [p.name for p in tmp_path.iterdir()] == ["d"]
+
+
+def test_atomic_path_flushes_the_file_before_the_rename(tmp_path, monkeypatch):
+    """A checkpoint renamed into place must already be on disk (fsync of the file, then its folder)."""
+    import os
+
+    synced, real_fsync = [], os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    target = tmp_path / "checkpoint.pt"
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"weights")
+        written = str(tmp)
+    assert synced == [written, str(tmp_path)] and target.read_bytes() == b"weights"

@@ -182,3 +182,21 @@ def test_detector_step_with_detached_features_trains_only_paam_and_detector(batc
     loss.backward()
     assert _has_grad(model.paam) and _has_grad(model.detector)
     assert _no_grad(model.classifier) and _no_grad(model.reconstructor)
+
+
+def test_detector_loss_ignores_marked_pixels_and_adds_dice():
+    from wpcrack.losses import detector_loss
+    from wpcrack.pseudo_labels import IGNORE
+
+    logits = torch.tensor([[[[0.0, 2.0], [-1.0, 3.0]]]])
+    target = torch.tensor([[[[0.0, 1.0], [float(IGNORE), 1.0]]]])
+    total, parts = detector_loss(logits, target)
+    # BCE over the 3 known pixels: -log(1 - s(0)), -log s(2), -log s(3)
+    s = torch.sigmoid
+    expected = (-torch.log(1 - s(torch.tensor(0.0))) - torch.log(s(torch.tensor(2.0))) - torch.log(s(torch.tensor(3.0)))) / 3
+    assert total.item() == pytest.approx(expected.item(), rel=1e-5)
+    with_dice, parts = detector_loss(logits, target, dice=1.0)
+    p = s(torch.tensor([0.0, 2.0, 3.0]))
+    dice = 1 - (2 * (p[1] + p[2]) + 1) / (p.sum() + 2 + 1)
+    assert parts["det_dice"] == pytest.approx(dice.item(), rel=1e-5)
+    assert with_dice.item() == pytest.approx(expected.item() + dice.item(), rel=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import socket
 import urllib.error
@@ -15,6 +16,7 @@ from wpcrack.errors import WpcrackError
 from wpcrack.models.backbones import BACKBONES, create_backbone, crop_or_resize, upsample_to_input
 from wpcrack.models.detector import Detector
 from wpcrack.models.paam import PAAM, DirectionalConv
+from wpcrack.models import weights_cache
 from wpcrack.models.weights_cache import cache_weights, main as weights_cache_main
 from wpcrack.models.wpcracknet import SlimDetector, build_model, count_parameters
 
@@ -120,7 +122,11 @@ def test_pretrained_uses_hub_cache_and_fails_clearly_offline(tmp_path, monkeypat
 
     source = create_backbone("mobilenet_v2")
     (tmp_path / "checkpoints").mkdir()
-    torch.save(source.state_dict(), tmp_path / "checkpoints" / "mobilenet_v2-b0353104.pth")
+    cached = tmp_path / "checkpoints" / "mobilenet_v2-b0353104.pth"
+    torch.save(source.state_dict(), cached)
+    with pytest.raises(WpcrackError, match="differs from the known"):
+        create_backbone("mobilenet_v2", pretrained=True)
+    monkeypatch.setitem(weights_cache.KNOWN_SHA256, cached.name, hashlib.sha256(cached.read_bytes()).hexdigest())
     loaded = create_backbone("mobilenet_v2", pretrained=True)
     assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), loaded.state_dict().values()))
 
@@ -291,3 +297,31 @@ def test_count_parameters_trainable_only():
     layer.bias.requires_grad_(False)
     assert count_parameters(layer) == 8 and count_parameters(layer, trainable_only=True) == 6
 
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet18", "tiny"])
+def test_skips_are_at_strides_2_and_4(light_backbones, name):
+    backbone = light_backbones[name]
+    x = torch.randn(1, 3, 72, 100)
+    with torch.no_grad():
+        mid, skips = backbone.forward_mid_skips(x)
+        assert torch.equal(mid, backbone.forward_mid(x))
+        assert all(torch.equal(a, b) for a, b in zip(skips, backbone(x).skips, strict=True))
+    assert [tuple(s.shape[1:]) for s in skips] == [
+        (backbone.skip_channels[0], 36, 50), (backbone.skip_channels[1], 18, 25)]
+
+
+@pytest.mark.parametrize("size", [(64, 64), (72, 100), (33, 47)])
+def test_unet_detector_draws_at_input_size_and_learns_from_the_fine_skips(size):
+    m = build_model(Config(model=ModelConfig(**{**TINY, "detector_decoder": "unet"})))
+    x = torch.randn(2, 3, *size)
+    cls = m.classifier(x)
+    assert m.detect(cls.mid, m.reconstructor.encoder.backbone.forward_mid(x), size, cls.skips).shape == (2, 1, *size)
+    skips = [s.detach().requires_grad_() for s in cls.skips]
+    m.detect(cls.mid.detach(), torch.zeros_like(cls.mid), size, skips).sum().backward()
+    assert all(s.grad is not None and s.grad.abs().sum() > 0 for s in skips)
+    with pytest.raises(ValueError, match="skips"):
+        m.detect(cls.mid, cls.mid, size)
+    with torch.inference_mode():
+        assert torch.equal(m.slim()(x), m.predict(x))
+        assert torch.equal(m.slim(gating=False)(x), m.predict(x))

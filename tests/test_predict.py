@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import cv2
@@ -133,9 +134,29 @@ def test_classifier_skips_crack_free_tiles_and_overlap_blending_is_exact():
     cfg = _cfg("evaluate.tile_size=64", "evaluate.tile_overlap=16")
     rgb = np.full((150, 260, 3), 128, np.uint8)
     rgb[100:104, 180:250] = 10  # one short crack in the lower right
-    prob, tiles, skipped = probability_map(DarkPixels(), rgb, cfg)
+    prob, tiles, skipped = probability_map(DarkPixels(), rgb, cfg, gate=0.5)
     np.testing.assert_allclose(prob, (rgb[..., 0] < 65).astype(np.float32), atol=1e-6)
     assert tiles == 3 * 6 and 0 < skipped < tiles - 1
+    ungated, tiles, skipped = probability_map(DarkPixels(), rgb, cfg)  # the gate is opt-in
+    np.testing.assert_allclose(ungated, prob, atol=1e-6)
+    assert (tiles, skipped) == (18, 0)
+
+
+def test_scales_resize_the_image_and_average_back_to_its_size():
+    cfg = _cfg("evaluate.tile_size=64", "evaluate.tile_overlap=16")
+    rgb = np.full((120, 200, 3), 128, np.uint8)
+    rgb[40:56, 20:180] = 10  # a 16 px wide crack survives halving
+    truth = (rgb[..., 0] < 65).astype(np.float32)
+    half, tiles, _ = probability_map(DarkPixels(), rgb, cfg, scales=(0.5,))
+    assert half.shape == truth.shape and tiles == 2  # 60x100 px at half scale: one row of two tiles
+    assert np.abs(half - truth)[truth == 1].mean() < 0.1 and half[truth == 0].max() < 0.6
+    both, _, _ = probability_map(DarkPixels(), rgb, cfg, scales=(0.5, 1.0))
+    np.testing.assert_allclose(both, (half + truth) / 2, atol=1e-5)
+    for bad in ((), (0.0,), (20.0,)):
+        with pytest.raises(DataError, match="--scale"):
+            probability_map(DarkPixels(), rgb, cfg, scales=bad)
+    with pytest.raises(DataError, match="--gate"):
+        probability_map(DarkPixels(), rgb, cfg, gate=1.5)
 
 
 def test_image_smaller_than_a_tile_is_one_pass(slim):
@@ -190,6 +211,20 @@ def test_predict_folder_writes_masks_statistics_and_reports_bad_files(model_dir,
     assert good.set_index("mask").loc["road_a_mask.png", "tiles"] > 1  # wider than a 256 tile: tiled
     report = json.loads((out / "predictions.json").read_text())
     assert report["model"] == str(model_dir.resolve()) and len(report["images"]) == 3
+    assert report["gate"] == 0 and report["scales"] == [1.0] and good["tiles_skipped"].sum() == 0
+
+
+def test_predict_warns_when_the_opt_in_gate_skips_most_tiles(model_dir, tmp_path, capsys, monkeypatch):
+    from wpcrack import predict as predict_module
+
+    monkeypatch.setattr(predict_module, "load_detector", lambda *a: (DarkPixels(), _cfg("evaluate.tile_size=64"), "dark"))
+    write_image(tmp_path / "plain.png", np.full((64, 256, 3), 128, np.uint8))
+    code = main(["predict", str(tmp_path / "plain.png"), "--out", str(tmp_path / "out"), "--gate",
+                 "--scale", "1", "--params", str(PARAMS)])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "plain.png" in err and re.search(r"skipped (\d+) of \1 tiles", err) and "without --gate" in err
+    assert json.loads((tmp_path / "out" / "predictions.json").read_text())["gate"] == 0.5
 
 
 def test_predict_without_any_image_is_a_clear_error(model_dir, tmp_path):

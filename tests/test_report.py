@@ -21,7 +21,8 @@ def _metrics(root: Path, variant: str, **modes: float) -> None:
 
 
 def _project(root: Path) -> Path:
-    _metrics(root, "full", detector=45.0, cam=9.0, cam_crf=11.0)
+    _metrics(root, "full", detector=45.0, detector_ungated=45.0, detector_gated=44.0, cam=9.0, cam_crf=11.0)
+    _metrics(root, "classical", classical=38.0)
     _metrics(root, "supervised", detector=50.0)
     model = root / "models" / "deepcrack" / "full"
     model.mkdir(parents=True)
@@ -43,7 +44,7 @@ def test_diagnosis_rows_follow_the_chain(tmp_path):
     _project(tmp_path)
     rows = report.diagnosis_rows(tmp_path / "results", tmp_path / "models", tmp_path / "reports", "deepcrack")
     iou = [r["iou"] for r in rows]
-    assert iou == [9.0, 20.0, 25.0, 11.0, 30.0, 45.0, 50.0]  # fractions become percent
+    assert iou == [9.0, 20.0, 25.0, 11.0, 30.0, 38.0, 45.0, 45.0, 44.0, 50.0]  # fractions become percent
     assert rows[1]["note"] == "75 % kept" and rows[2]["note"] == "epoch 6"
     # the best CRF row skips the plain CAM threshold and names the current setting's IoU
     assert rows[4]["note"].startswith("bg_power 1 (current setting: 10.0; label IoU only")
@@ -57,7 +58,9 @@ def test_diagnosis_reading_is_computed():
     assert "(50.0 < 60)" in text and "reaches 90 % of the IoU" in text and "is met" not in text
     assert report.diagnosis_reading(rows, 40.0).startswith("The target (40) is met.")
     labels = {"step": "pseudo labels", "iou": 30.0}
-    assert "above the pseudo labels the CRF makes of its CAMs (45.0 vs 30.0)" in report.diagnosis_reading([*rows, labels], 60.0)
+    assert "above the pseudo labels made of its CAMs (45.0 vs 30.0)" in report.diagnosis_reading([*rows, labels], 60.0)
+    classical = {"step": report.CLASSICAL_STEP, "iou": 42.0}
+    assert "+3.0 points from the classical baseline (the bar is +5)" in report.diagnosis_reading([*rows, classical], 60.0)
     assert "detector is the lever" in report.diagnosis_reading([*rows, {**labels, "iou": 50.0}], 60.0)
     assert report.diagnosis_reading([], None) == ""
 
@@ -66,7 +69,7 @@ def test_dataset_page_and_index(tmp_path):
     params = _project(tmp_path)
     pages = tmp_path / "docs" / "results"
     page = report.write_dataset_report(params, "deepcrack", pages).read_text()
-    row = "| deepcrack | 1.000 | 2.000 | 3.000 | 4.000 | 45.000 | 69.148 | 60.000 | no | cpu | mobilenet_v2 | 20.000 |"
+    row = "| deepcrack | 1.000 | 2.000 | 3.000 | 4.000 | 45.000 | 69.148 | 38.000 | 70.000 | no | cpu | mobilenet_v2 | 20.000 |"
     assert row in page
     assert "## Where the IoU is lost" in page and "| pseudo labels, selected epoch | val | 25.000 | epoch 6 |" in page
     assert "_missing: `" in page  # no ablation/comparison/benchmark files here: said, not invented
@@ -77,7 +80,7 @@ def test_dataset_page_and_index(tmp_path):
     index = report.write_index(pages, tmp_path / "docs" / "results.md").read_text()
     summary = index.split("## Per-dataset pages")[0]
     assert row in summary  # the page's row, read back from its JSON
-    assert "| cfd | – | – | – | – | – | 38.184 | – | no page yet |" in summary  # missing, with the paper's IoU
+    assert "| cfd | – | – | – | – | – | 38.184 | – | – | no page yet |" in summary  # missing, with the paper's IoU
     assert "- [deepcrack](results/deepcrack.md)" in index and "dvc repro report@crack500" in index
     assert "- [2026-12-01](results/archive/2026-12-01.md)" in index
 

@@ -157,3 +157,31 @@ def test_a_non_finite_loss_stops_before_any_update(setup, monkeypatch):
         reconstructor_step(model, optimizers, _batch(), cfg, runtime, pool=None)
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_whole_image_labels_train_crack_images_and_negatives_train_towards_background():
+    torch.manual_seed(0)
+    cfg = _cfg("pseudo_labels.source=image", "pseudo_labels.min_pixels=4", "pseudo_labels.negatives=true")
+    model = build_model(cfg)
+    optimizers = build_optimizers(model, cfg, max_iterations=10)
+    batch = _batch()
+    pseudo = torch.zeros_like(batch.mask)
+    pseudo[0, :, 10:12, 4:-4] = 1.0  # image 0: a usable label; image 2: too few pixels; image 3: none made
+    pseudo[2, :, 10, 4:6] = 1.0
+    pseudo[0, :, 0, :] = 255.0
+    batch.pseudo, batch.has_pseudo = pseudo, torch.tensor([True, True, True, False])
+    carry = phases.Carry()
+    target, usable, labels = phases._targets(batch, cfg, carry)
+    assert usable.tolist() == [True, True, False, False]  # image 1 has no crack: a negative
+    assert torch.equal(target[0], pseudo[0]) and target[1].sum() == 0 and labels == []
+    runtime = Runtime(torch.device("cpu"))
+    _, carry = reconstructor_step(model, optimizers, batch, cfg, runtime, pool=None)
+    classifier_step(model, optimizers, batch, cfg, runtime, carry)
+    result = detector_step(model, optimizers, batch, cfg, runtime, carry)
+    assert result.losses["det_images"] == 2
+
+    off = _cfg("pseudo_labels.source=image", "pseudo_labels.min_pixels=4")
+    assert phases._targets(batch, off, carry)[1].tolist() == [True, False, False, False]
+    batch.pseudo = None
+    with pytest.raises(TrainingError, match="whole-image labels"):
+        phases._targets(batch, off, carry)

@@ -16,7 +16,7 @@ import re
 import resource
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -84,7 +84,7 @@ def _prepare(model: torch.nn.Module, device: str, mode: str) -> tuple[Callable, 
     model = model.to(memory_format=layout)
     forward = _infer(model)
     if mode.endswith("compile"):
-        forward = torch.compile(forward)
+        forward = torch.compile(forward, dynamic=False)  # specialised to each batch size, as served
     autocast = "bf16" in mode
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -177,8 +177,13 @@ def _slim_agreement(model: torch.nn.Module, slim: torch.nn.Module, size: int) ->
         return float((_infer(model)(x) - _infer(slim)(x)).abs().max())
 
 
-def benchmark(cfg: Config, model_dir: Path, out_dir: Path, model: torch.nn.Module | None = None) -> dict:
-    """Measure the trained model of ``model_dir`` (or ``model``); write ``<dataset>.json`` and ``.md``."""
+def benchmark(cfg: Config, model_dir: Path, out_dir: Path, model: torch.nn.Module | None = None,
+              modes: Sequence[tuple[str, str]] | None = None) -> dict:
+    """Measure the trained model of ``model_dir`` (or ``model``); write ``<dataset>.json`` and ``.md``.
+
+    ``modes``: the (device, mode) pairs to measure (default ``device_modes()``); the GPU check
+    (``wpcrack.gpu_check``) measures the eager and the compiled GPU rows in separate processes.
+    """
     if model is None:
         from wpcrack.evaluate.inference import load_trained
 
@@ -188,7 +193,7 @@ def benchmark(cfg: Config, model_dir: Path, out_dir: Path, model: torch.nn.Modul
     slim = model.slim(gating=gating).cpu().eval() if hasattr(model, "slim") else model
     bc = cfg.benchmark
     runs = {}
-    for device, mode in device_modes():
+    for device, mode in (device_modes() if modes is None else modes):
         for batch in bc.batch_sizes:
             key = f"{device}_{mode}_b{batch}"
             try:

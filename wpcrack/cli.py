@@ -88,6 +88,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_classical(args: argparse.Namespace) -> None:
+    cfg = _config(args, args.dataset)
+    from wpcrack.evaluate.classical import VARIANT, run
+
+    run(cfg, Path(args.out) if args.out else Path(cfg.paths.results) / args.dataset / VARIANT)
+
+
 def cmd_score(args: argparse.Namespace) -> None:
     from wpcrack.evaluate.score import score_folders
 
@@ -119,6 +126,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
         dataset=args.dataset,
         mm_per_pixel=args.mm_per_pixel,
         params=Path(args.params),
+        gate=args.gate,
+        scales=args.scale,
     )
 
 
@@ -238,6 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("classical", help="the image-processing baseline: dark-line threshold chosen on val masks, "
+                       "scored on test")
+    _dataset_arg(p)
+    p.add_argument("--out", help="output folder (default: results/<dataset>/classical)")
+    _common(p)
+    p.set_defaults(func=cmd_classical)
+
     p = sub.add_parser("score", help="score a folder of predicted masks against ground truth")
     p.add_argument("--pred", required=True, help="folder of predicted masks (PNG)")
     p.add_argument("--gt", required=True, help="folder of ground-truth masks (PNG)")
@@ -265,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="deepcrack", help="registered model to use with 'champion'")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--mm-per-pixel", type=float, help="ground sampling distance for mm statistics")
+    p.add_argument("--gate", type=float, nargs="?", const=0.5, default=0.0, metavar="P",
+                   help="skip tiles whose classifier crack probability is below P (default: off; "
+                        "--gate alone: 0.5). Faster on large photos of familiar imagery")
+    p.add_argument("--scale", type=float, nargs="+", default=[1.0], metavar="S",
+                   help="resize the image by S before inference, e.g. 0.25 when cracks are 4x wider in pixels "
+                        "than in the training images; several scales are averaged (default: 1)")
     p.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
     p.set_defaults(func=cmd_predict)
 

@@ -102,6 +102,7 @@ class ModelConfig:
     paam_channels: int = 128
     paam_reduction: int = 16
     detector_channels: int = 64
+    detector_decoder: Literal["transposed", "unet"] = "transposed"
     decoder_channels: int = 64
 
 
@@ -122,10 +123,32 @@ class LossConfig:
     lambda_r2_r: float = 0.3
     lambda_cec: float = 0.5
     det_pos_weight: float = 1.0
+    det_dice: float = 0.0
+
+
+@dataclass(frozen=True)
+class DarknessConfig:
+    """Locally dark pixels (``wpcrack.darkness``); block and min_area in pixels of the image it runs on."""
+
+    block: int = 61
+    offset: float = 25.0
+    min_area: int = 80
+    bilateral_d: int = 5
+    bilateral_sigma_color: float = 50.0
+    bilateral_sigma_space: float = 5.0
 
 
 @dataclass(frozen=True)
 class PseudoLabelConfig:
+    method: Literal["crf", "darkness"] = "crf"  # crf: the paper's denseCRF of the CAM
+    source: Literal["crop", "image"] = "crop"  # crop: the paper's online CAM of each training crop
+    refresh_epochs: int = 1  # source image: whole-image labels are remade every this many epochs
+    cam_scales: tuple[float, ...] = (1.0,)  # source image: CAM averaged over these scales ...
+    cam_flip: bool = False  # ... and their horizontal flips
+    cam_threshold: float = 0.2  # method darkness: the CAM's crack region
+    darkness: DarknessConfig = field(default_factory=DarknessConfig)
+    ignore_band: int = 0  # pixels this close to a crack label, but not in it, get no loss
+    negatives: bool = False  # crack-free images train the detector as all-background targets
     bg_power: float = 0.5
     gaussian_sxy: float = 3.0
     gaussian_compat: float = 3.0
@@ -170,6 +193,17 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class ClassicalConfig:
+    """The classical baseline's grid (``wpcrack classical``): every combination is scored on the
+    masks of ``splits`` and the best is applied to test. The bilateral filter is ``pseudo_labels.darkness``'s."""
+
+    splits: tuple[Literal["train", "val"], ...] = ("val",)  # whose masks choose the grid point
+    blocks: tuple[int, ...] = (31, 61, 91)
+    offsets: tuple[float, ...] = (10.0, 15.0, 20.0, 25.0, 30.0)
+    min_areas: tuple[int, ...] = (40, 80, 150, 300)
+
+
+@dataclass(frozen=True)
 class BenchmarkConfig:
     size: int = 256
     batch_sizes: tuple[int, ...] = (1, 8)
@@ -197,6 +231,7 @@ class Config:
     pseudo_labels: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    classical: ClassicalConfig = field(default_factory=ClassicalConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     profile: str = "cpu"

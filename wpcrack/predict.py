@@ -6,8 +6,15 @@ resolved configuration; inference settings (``evaluate.threshold``, ``tile_size`
 ``tile_overlap``) from ``params.yaml`` when there is one, so they can be tuned without retraining.
 
 Images larger than a tile go through ``wpcrack.evaluate.inference.predict_image`` (overlapping
-tiles, blended); ``GatedDetector`` makes the classifier skip tiles it calls crack-free, so a large
-survey photo costs detector time only where there are cracks.
+tiles, blended). With ``--gate P`` (opt-in) ``GatedDetector`` makes the classifier skip tiles whose
+crack probability is below P, so a large survey photo costs detector time only where there are
+cracks. It is off by default: on imagery unlike the training data the classifier's probabilities
+are not calibrated, and a gate once skipped all 252 tiles of a clearly cracked 12 MP photo. When
+the gate skips most tiles of an image, predict says so on stderr.
+
+``--scale S`` states the photo's scale: the image is resized by S (e.g. 0.25 for a 12 MP photo of
+cracks four times wider in pixels than the training images') before inference and the probabilities
+are resized back; several scales average their probabilities (multi-scale inference).
 
 Statistics are measured on the binary mask (probability > threshold):
 
@@ -49,7 +56,8 @@ CSV_COLUMNS = (
     "crack_pixels", "crack_share", "length_px", "max_width_px", "mean_width_px",
     "length_mm", "max_width_mm", "mean_width_mm", "error",
 )
-DEFAULT_GATE = 0.5  # classifier crack probability below which a tile is skipped
+DEFAULT_GATE = 0.0  # classifier crack probability below which a tile is skipped (0: every tile kept)
+GATE_WARN_SHARE = 0.5  # warn when the gate skips more than this share of an image's tiles
 _OVERLAY_RGB = np.array([255, 0, 0], dtype=np.float32)
 _OVERLAY_ALPHA = 0.6
 
@@ -278,14 +286,35 @@ class GatedDetector(torch.nn.Module):
         return out
 
 
-def probability_map(detector: torch.nn.Module, rgb: np.ndarray, cfg: Config,
-                    gate: float = DEFAULT_GATE) -> tuple[np.ndarray, int, int]:
-    """(crack probabilities float32 HxW, tiles, tiles skipped) of one RGB image of any size."""
+def check_gate(gate: float) -> float:
+    if not 0.0 <= gate < 1.0:
+        raise DataError("--gate", f"must be a classifier probability in [0, 1), got {gate} (0 keeps every tile)")
+    return gate
+
+
+def check_scales(scales: Sequence[float]) -> tuple[float, ...]:
+    if not scales or any(not 0.05 <= s <= 8.0 for s in scales):
+        raise DataError("--scale", f"each scale must be between 0.05 and 8, got {list(scales)}")
+    return tuple(scales)
+
+
+def probability_map(detector: torch.nn.Module, rgb: np.ndarray, cfg: Config, gate: float = DEFAULT_GATE,
+                    scales: Sequence[float] = (1.0,)) -> tuple[np.ndarray, int, int]:
+    """(crack probabilities float32 HxW, tiles, tiles skipped) of one RGB image of any size: the
+    mean over ``scales`` of the prediction of the image resized by each, resized back."""
+    import cv2
+
     from wpcrack.evaluate.inference import predict_image
 
-    gated = GatedDetector(detector, gate)
-    prob = predict_image(gated, rgb, cfg)
-    return prob, gated.tiles, gated.skipped
+    gated = GatedDetector(detector, check_gate(gate))
+    h, w = rgb.shape[:2]
+    total = np.zeros((h, w), dtype=np.float32)
+    for scale in check_scales(scales):
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        image = rgb if size == (w, h) else cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        prob = predict_image(gated, image, cfg)
+        total += prob if prob.shape == (h, w) else cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR)
+    return total / len(scales), gated.tiles, gated.skipped
 
 
 def overlay(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -333,10 +362,16 @@ def _error_row(path: Path, problem: str) -> dict[str, Any]:
 
 
 def predict_file(path: Path, detector: torch.nn.Module, cfg: Config, out_dir: Path, stem: str,
-                 mm_per_pixel: float | None, gate: float = DEFAULT_GATE) -> dict[str, Any]:
+                 mm_per_pixel: float | None, gate: float = DEFAULT_GATE,
+                 scales: Sequence[float] = (1.0,)) -> dict[str, Any]:
     """Mask, overlay and one statistics row for one image (raises DataError if it cannot be read)."""
+    from tqdm import tqdm
+
     rgb = read_image(path)
-    prob, tiles, skipped = probability_map(detector, rgb, cfg, gate)
+    prob, tiles, skipped = probability_map(detector, rgb, cfg, gate, scales)
+    if tiles and skipped > GATE_WARN_SHARE * tiles:
+        tqdm.write(f"wpcrack predict: warning: {path}: the gate ({gate:g}) skipped {skipped} of {tiles} tiles; "
+                   "on imagery unlike the training data run without --gate", file=sys.stderr)
     mask = prob > cfg.evaluate.threshold
     write_image(out_dir / f"{stem}_mask.png", mask.astype(np.uint8) * 255)
     write_image(out_dir / f"{stem}_overlay.jpg", overlay(rgb, mask))
@@ -356,6 +391,7 @@ def predict(
     mm_per_pixel: float | None = None,
     params: str | Path | None = "params.yaml",
     gate: float = DEFAULT_GATE,
+    scales: Sequence[float] = (1.0,),
 ) -> pd.DataFrame:
     """Predict every input image; write masks, overlays, ``predictions.csv`` and ``predictions.json``.
 
@@ -367,6 +403,8 @@ def predict(
 
     if mm_per_pixel is not None and mm_per_pixel <= 0:
         raise DataError("--mm-per-pixel", f"must be positive, got {mm_per_pixel}")
+    check_gate(gate)
+    scales = check_scales(scales)
     files, problems = collect_inputs(inputs)
     rows = [_error_row(path, problem) for path, problem in problems]
     if not files:
@@ -377,7 +415,8 @@ def predict(
     used: set[str] = set()
     for path in tqdm(files, desc="predict", unit="image", disable=len(files) < 2):
         try:
-            rows.append(predict_file(path, detector, cfg, out_dir, _output_stem(path, used), mm_per_pixel, gate))
+            rows.append(predict_file(path, detector, cfg, out_dir, _output_stem(path, used), mm_per_pixel, gate,
+                                     scales))
         except DataError as exc:
             rows.append(_error_row(path, exc.problem))
     table = pd.DataFrame(rows, columns=list(CSV_COLUMNS)).astype(
@@ -385,7 +424,8 @@ def predict(
     with atomic_path(out_dir / "predictions.csv") as tmp:
         table.to_csv(tmp, index=False)
     write_json(out_dir / "predictions.json", {
-        "model": source, "threshold": cfg.evaluate.threshold, "gate": gate, "mm_per_pixel": mm_per_pixel,
+        "model": source, "threshold": cfg.evaluate.threshold, "gate": gate, "scales": list(scales),
+        "mm_per_pixel": mm_per_pixel,
         "images": json.loads(table.to_json(orient="records")),
     })
     done = int(table["error"].isna().sum())

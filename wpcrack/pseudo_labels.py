@@ -1,8 +1,16 @@
-"""Pseudo labels: denseCRF refinement of the classifier's crack CAM (paper 3.3, design.md 3).
+"""Pseudo labels from the classifier's crack CAM (paper 3.3, design.md 3).
 
-The CRF is the slowest part of a training step at paper scale, so ``CRFPool`` runs it in worker
-processes while the networks step. This module imports no torch: spawned workers start fast and
-stay small.
+``pseudo_labels.method``:
+- ``crf``: the paper's denseCRF refinement of the CAM;
+- ``darkness``: the locally dark pixels (``wpcrack.darkness``) inside the CAM's crack region
+  (CAM > ``cam_threshold``). The CAM says where a crack is, the darkness how wide it is: a CAM
+  cell is 8 px wide, a crack 1-3 px, and the CRF's smoothness erases thin, faint cracks.
+Labels are uint8 {0 crack-free, 1 crack, ``IGNORE`` no loss}; ``ignore_band`` > 0 marks the
+pixels that close to a crack label (its uncertain border) ``IGNORE``.
+
+The CRF is the slowest part of a training step at paper scale, so ``CRFPool`` makes the labels in
+worker processes while the networks step. This module imports no torch: spawned workers start fast
+and stay small.
 """
 
 from __future__ import annotations
@@ -17,6 +25,38 @@ from wpcrack.config import PseudoLabelConfig
 
 # unary_from_softmax's clip: -log(1e-5) bounds the unary of a zero probability.
 _PROB_CLIP = 1e-5
+IGNORE = 255
+
+
+def make_label(rgb: np.ndarray, cam: np.ndarray, cfg: PseudoLabelConfig) -> np.ndarray:
+    """The pseudo label (uint8 HxW: 0, 1 or ``IGNORE``) of an RGB image and its crack CAM in [0, 1]."""
+    if rgb.shape[:2] != cam.shape:
+        raise ValueError(f"image is {rgb.shape[1]}x{rgb.shape[0]} but its CAM is {cam.shape[1]}x{cam.shape[0]}")
+    if cfg.method == "darkness":
+        from wpcrack.darkness import dark_pixels
+
+        label = dark_pixels(rgb, cfg.darkness) & (np.asarray(cam, np.float32) > cfg.cam_threshold)
+        label = label.astype(np.uint8)
+    else:
+        label = refine(rgb, cam, cfg)
+    return with_ignore_band(label, cfg.ignore_band)
+
+
+def with_ignore_band(label: np.ndarray, band: int) -> np.ndarray:
+    """Mark the pixels within ``band`` px of a crack label (and not in it) ``IGNORE``."""
+    if band <= 0 or not label.any():
+        return label
+    import cv2
+
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * band + 1, 2 * band + 1))
+    near = cv2.dilate((label == 1).astype(np.uint8), kernel) > 0
+    out = label.copy()
+    out[near & (label != 1)] = IGNORE
+    return out
+
+
+def crack_pixels(label: np.ndarray) -> int:
+    return int(np.count_nonzero(np.asarray(label) == 1))
 
 
 def refine(rgb: np.ndarray, cam: np.ndarray, cfg: PseudoLabelConfig) -> np.ndarray:
@@ -50,7 +90,7 @@ def refine(rgb: np.ndarray, cam: np.ndarray, cfg: PseudoLabelConfig) -> np.ndarr
 
 
 def _refine_many(rgbs: list[np.ndarray], cams: list[np.ndarray], cfg: PseudoLabelConfig) -> list[np.ndarray]:
-    return [refine(rgb, cam, cfg) for rgb, cam in zip(rgbs, cams, strict=True)]
+    return [make_label(rgb, np.asarray(cam, np.float32), cfg) for rgb, cam in zip(rgbs, cams, strict=True)]
 
 
 def _compact_cam(cam: np.ndarray) -> np.ndarray:
@@ -72,7 +112,7 @@ class CRFHandle:
 
 
 class CRFPool:
-    """A pool of ``cfg.workers`` CRF processes (``workers: 0`` runs in the caller, at ``result()``).
+    """A pool of ``cfg.workers`` pseudo-label processes (``workers: 0`` runs in the caller, at ``result()``).
 
     Workers are started with ``forkserver`` where available (``spawn`` otherwise): forking a
     process that holds torch's thread pools is unsafe. Each submit is split into one chunk per
@@ -89,7 +129,7 @@ class CRFPool:
             self._executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx)
 
     def submit(self, rgbs: Sequence[np.ndarray], cams: Sequence[np.ndarray]) -> CRFHandle:
-        """Queue the CRF of each (uint8 HxWx3 image, HxW CAM in [0,1]) pair."""
+        """Queue the pseudo label of each (uint8 HxWx3 image, HxW CAM in [0,1]) pair."""
         rgbs = [np.ascontiguousarray(r, dtype=np.uint8) for r in rgbs]
         cams = [_compact_cam(c) for c in cams]
         if len(rgbs) != len(cams):
@@ -121,10 +161,12 @@ class CRFPool:
 
 
 def confusion(labels: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> np.ndarray:
-    """int64 [TP, FP, FN] of the crack class, summed over pairs of (label, mask)."""
+    """int64 [TP, FP, FN] of the crack class, summed over pairs of (label, mask); ``IGNORE`` counts as
+    not crack."""
     counts = np.zeros(3, dtype=np.int64)
     for label, mask in zip(labels, masks, strict=True):
-        pred, gt = np.asarray(label) > 0, np.asarray(mask) > 0
+        label = np.asarray(label)
+        pred, gt = (label > 0) & (label != IGNORE), np.asarray(mask) > 0
         counts += (np.count_nonzero(pred & gt), np.count_nonzero(pred & ~gt), np.count_nonzero(~pred & gt))
     return counts
 

@@ -43,16 +43,17 @@ def denormalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def _crop(rgb: np.ndarray, mask: np.ndarray, size: int, rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
-    """size x size crop (random with ``rng``, centred without); smaller images are padded first."""
-    h, w = mask.shape
+    """size x size crop (random with ``rng``, centred without); smaller images are padded first.
+    ``mask`` may be HxW or HxWxK (every map cropped like the image)."""
+    h, w = mask.shape[:2]
     ph, pw = max(size - h, 0), max(size - w, 0)
     if ph or pw:
         top = int(rng.integers(0, ph + 1)) if rng is not None else ph // 2
         left = int(rng.integers(0, pw + 1)) if rng is not None else pw // 2
         pads = (top, ph - top, left, pw - left)
         rgb = cv2.copyMakeBorder(rgb, *pads, cv2.BORDER_CONSTANT, value=_PAD_RGB)
-        mask = cv2.copyMakeBorder(mask, *pads, cv2.BORDER_CONSTANT, value=0)
-        h, w = mask.shape
+        mask = np.pad(mask, ((top, ph - top), (left, pw - left)) + ((0, 0),) * (mask.ndim - 2))
+        h, w = mask.shape[:2]
     y = int(rng.integers(0, h - size + 1)) if rng is not None else (h - size) // 2
     x = int(rng.integers(0, w - size + 1)) if rng is not None else (w - size) // 2
     return rgb[y:y + size, x:x + size], mask[y:y + size, x:x + size]
@@ -62,17 +63,18 @@ def augment(rgb: np.ndarray, mask: np.ndarray, rng: np.random.Generator, crop_si
             scale_range: tuple[float, float] = (0.75, 1.25), flip: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Random rescale (bilinear image, nearest mask), horizontal flip, then random crop.
 
-    The rescale never shrinks an image below the crop: the padding that would follow is a cue of its own
-    when only the small (crack-free) patches get it.
+    ``mask`` may be HxW or HxWxK (a mask and a pseudo label travel together). The rescale never
+    shrinks an image below the crop: the padding that would follow is a cue of its own when only the
+    small (crack-free) patches get it.
     """
     s = float(rng.uniform(*scale_range))
     if crop_size:
-        s = max(s, min(1.0, crop_size / min(mask.shape)))
+        s = max(s, min(1.0, crop_size / min(mask.shape[:2])))
     if s != 1.0:
-        h, w = mask.shape
+        h, w = mask.shape[:2]
         size = (max(int(round(w * s)), 1), max(int(round(h * s)), 1))
         rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_LINEAR)
-        mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
+        mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST).reshape(size[1], size[0], *mask.shape[2:])
     if flip and rng.random() < 0.5:
         rgb, mask = rgb[:, ::-1], mask[:, ::-1]
     if crop_size:
@@ -94,6 +96,9 @@ class WeakDataset(Dataset):
             raise DataError(self.manifest_path, f"no rows in split {split!r}")
         self.split, self.crop_size, self.augment, self.seed = split, crop_size, augment, seed
         self.scale_range, self.flip, self.epoch = scale_range, flip, 0
+        # Row index -> pseudo label of the whole stored image (``pseudo_labels.source: image``),
+        # cropped and flipped with the image. Set by the trainer, before the epoch's loader starts.
+        self.pseudo: dict[int, np.ndarray] = {}
 
     def set_epoch(self, epoch: int) -> None:
         """Pick the augmentation stream of this epoch (call before iterating)."""
@@ -107,22 +112,34 @@ class WeakDataset(Dataset):
     def __len__(self) -> int:
         return len(self.frame)
 
-    def __getitem__(self, index: int) -> dict:
+    def raw(self, index: int) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(uint8 RGB, uint8 mask (zeros without one), has a mask) of a row as stored."""
         row = self.frame.iloc[index]
         rgb = read_image(self.root / row["image"])
         has_mask = bool(row["mask"])
         mask = read_mask(self.root / row["mask"], shape=rgb.shape[:2]) if has_mask else np.zeros(rgb.shape[:2], np.uint8)
+        return rgb, mask, has_mask
+
+    def __getitem__(self, index: int) -> dict:
+        rgb, mask, has_mask = self.raw(index)
+        pseudo = self.pseudo.get(index)
+        if pseudo is not None and pseudo.shape != mask.shape:
+            raise DataError(self.root / self.frame.iloc[index]["image"],
+                            f"pseudo label is {pseudo.shape[1]}x{pseudo.shape[0]}, image {mask.shape[1]}x{mask.shape[0]}")
+        maps = np.stack([mask > 0, pseudo if pseudo is not None else np.zeros_like(mask)], axis=-1).astype(np.uint8)
         if self.augment:
             rng = np.random.default_rng([self.seed, self.epoch, index])
-            rgb, mask = augment(rgb, mask, rng, self.crop_size, self.scale_range, self.flip)
+            rgb, maps = augment(rgb, maps, rng, self.crop_size, self.scale_range, self.flip)
         elif self.crop_size:
-            rgb, mask = _crop(rgb, mask, self.crop_size, None)
+            rgb, maps = _crop(rgb, maps, self.crop_size, None)
         rgb_t = torch.from_numpy(np.ascontiguousarray(rgb))
         return {
             "image": normalize(rgb_t),
             "rgb": rgb_t,
-            "label": torch.tensor(int(row["label"]), dtype=torch.int64),
-            "mask": torch.from_numpy(mask.astype(np.float32))[None],
+            "label": torch.tensor(int(self.frame.iloc[index]["label"]), dtype=torch.int64),
+            "mask": torch.from_numpy(maps[..., 0].astype(np.float32))[None],
             "has_mask": has_mask,
+            "pseudo": torch.from_numpy(maps[..., 1].astype(np.float32))[None],
+            "has_pseudo": pseudo is not None,
             "index": index,
         }

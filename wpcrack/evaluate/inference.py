@@ -227,7 +227,7 @@ class EvalViews(NamedTuple):
     rgb: np.ndarray       # uint8 HxWx3, the test image at the scoring resolution
     prob: np.ndarray      # detector probabilities, float32 HxW
     cam: np.ndarray       # normalised crack CAM, float32 HxW
-    pseudo: np.ndarray    # denseCRF of the CAM, uint8 {0,1} HxW
+    pseudo: np.ndarray    # the pseudo label of the CAM (pseudo_labels.method), uint8 {0,1} HxW
 
 
 def inference_size(cfg: Config) -> int | None:
@@ -241,11 +241,12 @@ def score_size(cfg: Config) -> int | None:
 
 
 def _refine(rgb: np.ndarray, cam: np.ndarray, cfg: Config) -> np.ndarray:
-    from wpcrack.pseudo_labels import refine
+    """The pseudo label training would make of this CAM (``pseudo_labels.method``), {0, 1}."""
+    from wpcrack.pseudo_labels import make_label
 
     if not cam.any():
         return np.zeros(cam.shape, dtype=np.uint8)
-    return refine(rgb, cam, cfg.pseudo_labels)
+    return (make_label(rgb, cam, cfg.pseudo_labels) == 1).astype(np.uint8)
 
 
 def _views(
@@ -258,6 +259,25 @@ def _views(
         "cam": cams,
         "pseudo": [_refine(rgb, cam, cfg).astype(np.float32) for rgb, cam in zip(rgbs, cams, strict=True)],
     }
+
+
+def at_model_scale(rgb: np.ndarray, cfg: Config, fn: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(image, map) at the scoring resolution, ``fn`` (uint8 image -> float map of its size) having
+    seen the test image at the scale of the dataset's training rows: every CFD grid cell resized to
+    the patch size (no gating), other datasets rescaled like ``eval_views`` does."""
+    from wpcrack.data.prepare import grid_cells, resize
+
+    if cfg.dataset == "cfd":
+        out = np.zeros(rgb.shape[:2], dtype=np.float32)
+        for y0, y1, x0, x1 in grid_cells(*rgb.shape[:2], cfg.prepare.cfd.grid):
+            values = fn(resize(rgb[y0:y1, x0:x1], cfg.prepare.cfd.patch_size))
+            out[y0:y1, x0:x1] = _resize_map(values, (y1 - y0, x1 - x0))
+        return rgb, out
+    size = inference_size(cfg)
+    values = fn(resize(rgb, size) if size else rgb)
+    if score_size(cfg):
+        rgb = resize(rgb, score_size(cfg))
+    return rgb, _resize_map(values, rgb.shape[:2])
 
 
 def eval_views(model: torch.nn.Module, rgb: np.ndarray, cfg: Config, label: int = 1) -> EvalViews:

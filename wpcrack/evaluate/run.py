@@ -1,8 +1,11 @@
 """The evaluate stage: a trained model on its dataset's test split, once, with design.md's protocol.
 
-Three modes are scored from one pass over the test set:
+Five modes are scored from one pass over the test set:
 
-- ``detector``: the WP-CrackNet detector (the primary result);
+- ``detector``: the WP-CrackNet detector (the primary result; on CFD patch-gated, paper 4.1);
+- ``detector_ungated`` / ``detector_gated``: the detector with every tile (CFD: every grid cell) kept,
+  and with tiles skipped whose classifier crack probability is below ``GATE``, what
+  ``wpcrack predict`` gives without and with ``--gate``; one of them equals ``detector``;
 - ``cam``: the classifier's crack CAM > threshold (a WS-SCS-like baseline);
 - ``cam_crf``: that CAM refined by denseCRF, i.e. the pseudo labels training makes.
 
@@ -23,11 +26,12 @@ import torch
 from wpcrack.config import Config
 from wpcrack.errors import DataError
 from wpcrack.evaluate.figures import FigureRow, pick_rows, write_figure
-from wpcrack.evaluate.inference import eval_views, inference_size, load_trained, score_size
+from wpcrack.evaluate.inference import at_model_scale, eval_views, inference_size, load_trained, predict_image, score_size
 from wpcrack.evaluate.metrics import ConfusionAccumulator, align, format_table
 from wpcrack.io import atomic_dir, atomic_path, read_image, read_mask, write_image, write_json
 
-MODES = ("detector", "cam", "cam_crf")
+MODES = ("detector", "detector_ungated", "detector_gated", "cam", "cam_crf")
+GATE = 0.5  # wpcrack predict --gate's default
 
 
 def run_key(cfg: Config) -> str:
@@ -85,6 +89,9 @@ def evaluate(cfg: Config, model_dir: Path, out_dir: Path) -> dict:
     accs = {m: ConfusionAccumulator(cfg.evaluate.threshold, cfg.evaluate.pr_thresholds) for m in MODES}
     shown = set(pick_rows(len(rows), cfg.evaluate.figure_images))
     figure_rows = []
+    from wpcrack.predict import GatedDetector
+
+    gated = GatedDetector(model.slim(), GATE)
     start = time.perf_counter()
     with atomic_dir(out_dir / "predictions") as pred_dir:
         for i, row in enumerate(rows):
@@ -95,6 +102,9 @@ def evaluate(cfg: Config, model_dir: Path, out_dir: Path) -> dict:
             write_image(pred_dir / f"{Path(row.image).stem}.png", prob8)
             prob, gt = align(prob8, gt_full, size)
             accs["detector"].add(prob, gt)
+            for mode, net in (("detector_ungated", model), ("detector_gated", gated)):
+                _, alt = at_model_scale(rgb, cfg, lambda image, net=net: predict_image(net, image, cfg))
+                accs[mode].add(*align(quantize(alt), gt_full, size))
             accs["cam"].add(views.cam, gt)
             accs["cam_crf"].add(views.pseudo.astype(np.float32), gt)
             if i in shown:
@@ -103,6 +113,7 @@ def evaluate(cfg: Config, model_dir: Path, out_dir: Path) -> dict:
 
     metrics = {m: acc.summary() for m, acc in accs.items()}
     metrics["protocol"] = protocol(cfg)
+    metrics["gate"] = {"threshold": GATE, "tiles": gated.tiles, "skipped": gated.skipped}
     write_json(out_dir / "metrics.json", metrics)
     _write_pr_curve(out_dir / "pr_curve.csv", accs["detector"])
     write_figure(out_dir / "figure.png", figure_rows, title=f"{cfg.dataset} / {cfg.variant} ({cfg.profile})")

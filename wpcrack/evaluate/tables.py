@@ -34,8 +34,12 @@ class ComparisonRow:
     paper_method: str | None
 
 
+CLASSICAL = "classical"  # results/<dataset>/classical (wpcrack classical): no training run, always listed
+
 COMPARISON_ROWS = (
     ComparisonRow("WP-CrackNet (ours)", "full", "detector", "WP-CrackNet"),
+    ComparisonRow("Classical: dark lines by adaptive threshold (no training; 3 parameters chosen on masks)",
+                  CLASSICAL, CLASSICAL, None),
     ComparisonRow("CAM + threshold (WS-SCS idea)", "cls_only", "cam", "WS-SCS"),
     ComparisonRow("CAM + denseCRF, no detector", "cls_only", "cam_crf", None),
     ComparisonRow("WP-CrackNet CAM + denseCRF (its pseudo labels)", "full", "cam_crf", None),
@@ -85,7 +89,7 @@ def comparison_table(results_dir: Path, dataset: str, variants: set[str]) -> pd.
     published = paper.COMPARISON.get(dataset, {})
     rows = []
     for row in COMPARISON_ROWS:
-        if row.variant not in variants:
+        if row.variant not in variants | {CLASSICAL}:
             continue
         paper_values = published[row.paper_method][1] if row.paper_method in published else None
         rows.append({

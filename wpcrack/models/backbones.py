@@ -1,9 +1,11 @@
 """Backbone registry: every backbone maps an image to stride-8 features.
 
-Each backbone returns ``BackboneOutput(mid, final, levels)``:
+Each backbone returns ``BackboneOutput(mid, final, levels, skips)``:
 - ``mid``: an intermediate dilated block, the detector's input (paper 3.3, ``Z_in``);
 - ``final``: the last map, where the CAM head sits;
-- ``levels``: the maps the reconstructor fuses into ``Z`` (paper 3.2), last one = ``final``.
+- ``levels``: the maps the reconstructor fuses into ``Z`` (paper 3.2), last one = ``final``;
+- ``skips``: the early maps at strides 2 and 4 (``skip_channels``), for a detector decoder with a
+  fine-scale path (a 1-3 px crack has vanished from every stride-8 map).
 
 All three are at output stride 8: the later stages keep stride 1 and dilate instead (``tiny``: 1x1
 convs), so CAMs stay fine enough for thin cracks. Every stride-2 layer pads like a 3x3 conv with padding 1, so an HxW
@@ -38,6 +40,7 @@ class BackboneOutput(NamedTuple):
     mid: Tensor
     final: Tensor
     levels: list[Tensor]
+    skips: list[Tensor]  # [stride 2, stride 4]
 
 
 def crop_or_resize(x: Tensor, size: tuple[int, int]) -> Tensor:
@@ -78,17 +81,23 @@ class Backbone(nn.Module, abc.ABC):
     mid_channels: int
     out_channels: int
     level_channels: tuple[int, ...]
+    skip_channels: tuple[int, int]  # strides 2 and 4
     is_truncated = False
 
     def forward_mid(self, x: Tensor) -> Tensor:
         return self._to_mid(x)[0]
 
+    def forward_mid_skips(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """(mid, [stride-2 map, stride-4 map]): everything the detector reads from an image."""
+        mid, _, skips = self._to_mid(x)
+        return mid, skips
+
     def forward(self, x: Tensor) -> BackboneOutput:
         if self.is_truncated:
             raise RuntimeError(f"{type(self).__name__} was truncated after mid: call forward_mid")
-        mid, early = self._to_mid(x)
+        mid, early, skips = self._to_mid(x)
         final, late = self._from_mid(mid)
-        return BackboneOutput(mid, final, [*early, *late])
+        return BackboneOutput(mid, final, [*early, *late], skips)
 
     def truncated(self) -> Backbone:
         """A copy holding only the layers up to ``mid`` (the detector's inference needs no more)."""
@@ -98,8 +107,8 @@ class Backbone(nn.Module, abc.ABC):
         return clone
 
     @abc.abstractmethod
-    def _to_mid(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """(mid, fusion levels computed before mid)."""
+    def _to_mid(self, x: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """(mid, fusion levels computed before mid, [stride-2 skip, stride-4 skip])."""
 
     @abc.abstractmethod
     def _from_mid(self, mid: Tensor) -> tuple[Tensor, list[Tensor]]:
@@ -173,6 +182,7 @@ class ResNet38d(Backbone):
     mid_channels = 1024
     out_channels = 4096
     level_channels = (512, 1024, 4096)
+    skip_channels = (128, 256)
     _after_mid = ("b5_1", "b5_2", "b6", "b7", "bn7")
 
     def __init__(self):
@@ -199,10 +209,13 @@ class ResNet38d(Backbone):
 
     def _to_mid(self, x):
         x = self.conv1a(x)
+        skips = []
         for name in ("b2", "b2_1", "b2_2", "b3", "b3_1", "b3_2", "b4", "b4_1", "b4_2", "b4_3", "b4_4", "b4_5"):
             x, _ = getattr(self, name)(x)
+            if name in ("b2_2", "b3_2"):
+                skips.append(x)
         mid, level4 = self.b5(x)
-        return mid, [level4]
+        return mid, [level4], skips
 
     def _from_mid(self, mid):
         x, _ = self.b5_1(mid)
@@ -249,6 +262,7 @@ class MobileNetV2(Backbone):
     mid_channels = 96
     out_channels = 1280
     level_channels = (32, 96, 1280)
+    skip_channels = (16, 24)
     _mid_index = 13
 
     def __init__(self):
@@ -260,8 +274,10 @@ class MobileNetV2(Backbone):
         _dilate(self.features[14:18], 4)
 
     def _to_mid(self, x):
-        x = self.features[:7](x)
-        return self.features[7 : self._mid_index + 1](x), [x]
+        s2 = self.features[:2](x)
+        s4 = self.features[2:4](s2)
+        x = self.features[4:7](s4)
+        return self.features[7 : self._mid_index + 1](x), [x], [s2, s4]
 
     def _from_mid(self, mid):
         final = self.features[self._mid_index + 1 :](mid)
@@ -290,9 +306,10 @@ class _TorchvisionResNet(Backbone):
         _dilate(self.layer4, 4)
 
     def _to_mid(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        level2 = self.layer2(self.layer1(x))
-        return self.layer3(level2), [level2]
+        s2 = self.relu(self.bn1(self.conv1(x)))
+        s4 = self.layer1(self.maxpool(s2))
+        level2 = self.layer2(s4)
+        return self.layer3(level2), [level2], [s2, s4]
 
     def _from_mid(self, mid):
         final = self.layer4(mid)
@@ -307,6 +324,7 @@ class ResNet18(_TorchvisionResNet):
     mid_channels = 256
     out_channels = 512
     level_channels = (128, 256, 512)
+    skip_channels = (64, 64)
 
 
 class ResNet50(_TorchvisionResNet):
@@ -314,6 +332,7 @@ class ResNet50(_TorchvisionResNet):
     mid_channels = 1024
     out_channels = 2048
     level_channels = (512, 1024, 2048)
+    skip_channels = (64, 256)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,6 +362,7 @@ class Tiny(Backbone):
     mid_channels = 64
     out_channels = 128
     level_channels = (32, 64, 128)
+    skip_channels = (24, 32)
 
     def __init__(self):
         super().__init__()
@@ -354,8 +374,10 @@ class Tiny(Backbone):
         self.stage_final = nn.Sequential(_cbr(64, 128, kernel_size=1), _cbr(128, 128, kernel_size=1))
 
     def _to_mid(self, x):
-        level = self.stem(x)
-        return self.stage_mid(level), [level]
+        s2 = self.stem[:3](x)
+        s4 = self.stem[3:5](s2)
+        level = self.stem[5:](s4)
+        return self.stage_mid(level), [level], [s2, s4]
 
     def _from_mid(self, mid):
         final = self.stage_final(mid)
@@ -442,6 +464,9 @@ def _torchvision_weights(name: str, weights: str) -> tuple[dict[str, Tensor], st
             ) from exc
         finally:
             socket.setdefaulttimeout(previous)
+    from wpcrack.models.weights_cache import verify_weights
+
+    verify_weights(cached)
     return _read_weights_file(cached), str(cached)
 
 

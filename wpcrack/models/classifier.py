@@ -15,6 +15,7 @@ class ClassifierOutput(NamedTuple):
     cam: Tensor  # [B, 2, h, w] raw class activation maps, h = ceil(H / 8)
     logits: Tensor  # [B, 2] image-level logits q (sigmoid per class, paper eq. 17)
     mid: Tensor  # [B, mid_channels, h, w] detector input Z_in^Cls
+    skips: list[Tensor]  # the backbone's [stride-2, stride-4] maps (the unet detector's fine path)
 
 
 class CAMHead(nn.Module):
@@ -44,4 +45,4 @@ class Classifier(nn.Module):
     def forward(self, x: Tensor) -> ClassifierOutput:
         features = self.backbone(x)
         cam, logits = self.head(features.final)
-        return ClassifierOutput(cam, logits, features.mid)
+        return ClassifierOutput(cam, logits, features.mid, features.skips)

@@ -1,7 +1,7 @@
 """WP-CrackNet: classifier, reconstructor, PAAM (or a 1x1 projection) and detector.
 
 ``WPCrackNet`` holds every trained part; the training phases call the parts directly. For
-prediction only the path image -> mid features -> PAAM -> detector is needed, and ``slim()`` copies
+prediction only the path image -> mid features (and the fine skips) -> PAAM -> detector is needed, and ``slim()`` copies
 just that into a ``SlimDetector`` (plus, by default, the whole classifier for CFD patch gating).
 """
 
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from wpcrack.config import Config, ModelConfig
 from wpcrack.models.backbones import Backbone, create_backbone
 from wpcrack.models.classifier import CAMHead, Classifier
-from wpcrack.models.detector import Detector
+from wpcrack.models.detector import build_detector
 from wpcrack.models.paam import PAAM, Projection
 from wpcrack.models.reconstructor import Reconstructor
 
@@ -54,16 +54,21 @@ class WPCrackNet(nn.Module):
             if cfg.paam
             else Projection(in_channels, cfg.paam_channels)
         )
-        self.detector = Detector(cfg.paam_channels, cfg.detector_channels)
+        self.detector = build_detector(
+            cfg.detector_decoder, cfg.paam_channels, cfg.detector_channels, self.classifier.backbone.skip_channels
+        )
 
-    def detect(self, cls_mid: Tensor, rec_mid: Tensor | None, size: tuple[int, int]) -> Tensor:
-        """[B, 1, H, W] crack logits from the mid features (``rec_mid`` is used only for cls+rec)."""
-        return self.detector(self.paam(_fuse_mids(cls_mid, rec_mid, self.uses_rec)), size)
+    def detect(self, cls_mid: Tensor, rec_mid: Tensor | None, size: tuple[int, int],
+               skips: list[Tensor] | None = None) -> Tensor:
+        """[B, 1, H, W] crack logits from the mid features (``rec_mid`` is used only for cls+rec;
+        ``skips``, the classifier backbone's fine maps, only by the ``unet`` decoder)."""
+        return self.detector(self.paam(_fuse_mids(cls_mid, rec_mid, self.uses_rec)), size, skips)
 
     def forward(self, x: Tensor) -> Tensor:
         """Detector logits for images, computing the backbones only up to ``mid``."""
         rec_mid = self.reconstructor.encoder.backbone.forward_mid(x) if self.uses_rec else None
-        return self.detect(self.classifier.backbone.forward_mid(x), rec_mid, tuple(x.shape[-2:]))
+        cls_mid, skips = self.classifier.backbone.forward_mid_skips(x)
+        return self.detect(cls_mid, rec_mid, tuple(x.shape[-2:]), skips)
 
     @torch.inference_mode()
     def predict(self, x: Tensor) -> Tensor:
@@ -104,7 +109,7 @@ class SlimDetector(nn.Module):
         cls_head: CAMHead | None,
         rec_backbone: Backbone | None,
         paam: nn.Module,
-        detector: Detector,
+        detector: nn.Module,
     ):
         super().__init__()
         self.cls_backbone = cls_backbone
@@ -116,8 +121,9 @@ class SlimDetector(nn.Module):
     def logits(self, x: Tensor) -> Tensor:
         uses_rec = self.rec_backbone is not None
         rec_mid = self.rec_backbone.forward_mid(x) if uses_rec else None
-        z = _fuse_mids(self.cls_backbone.forward_mid(x), rec_mid, uses_rec)
-        return self.detector(self.paam(z), tuple(x.shape[-2:]))
+        cls_mid, skips = self.cls_backbone.forward_mid_skips(x)
+        z = _fuse_mids(cls_mid, rec_mid, uses_rec)
+        return self.detector(self.paam(z), tuple(x.shape[-2:]), skips)
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.sigmoid(self.logits(x).float())

@@ -40,7 +40,7 @@ from wpcrack.config import Config
 from wpcrack.errors import ConfigError, TrainingError
 from wpcrack.io import atomic_path, write_json
 from wpcrack.pseudo_labels import CRFPool, confusion, iou_of
-from wpcrack.train import checkpoint
+from wpcrack.train import checkpoint, relabel
 from wpcrack.train.distributed import World, process_group
 from wpcrack.train.optim import Optimizers, build_optimizers, freeze_batchnorm
 from wpcrack.train.phases import Batch, Runtime, train_step
@@ -124,12 +124,18 @@ def _train(cfg: Config, out_dir: Path, resume: bool, track: bool, world: World) 
                 tracker.log_metrics(_numeric(row), step=int(row["epoch"]))
             pool.warm_up()
             examples: list[dict] = []
+            labels_diag: dict[str, float] = {}
             for epoch in range(run.epoch, t.epochs):
                 t_epoch = time.perf_counter()
                 train_set.set_epoch(epoch)
                 if sampler is not None:
                     sampler.set_epoch(epoch)
+                if _relabel_now(cfg, epoch, bool(train_set.pseudo)):
+                    t_relabel = time.perf_counter()
+                    labels_diag = relabel.refresh(model, train_set, cfg, runtime, pool)
+                    labels_diag["relabel_s"] = time.perf_counter() - t_relabel
                 row = _train_epoch(model, optimizers, loader, steps, cfg, runtime, pool, epoch, run, out_dir)
+                row |= labels_diag
                 if (epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs:
                     val, examples = validate(model, val_set, cfg, runtime, pool)
                     row |= val
@@ -160,6 +166,16 @@ def _train(cfg: Config, out_dir: Path, resume: bool, track: bool, world: World) 
 
 
 # --- one epoch -------------------------------------------------------------------------------------
+
+
+def _relabel_now(cfg: Config, epoch: int, have_labels: bool) -> bool:
+    """Whole-image labels are made when the detector starts (after its warm-up), then every
+    ``refresh_epochs``; a resumed run remakes them at once (with ``refresh_epochs`` 1 they are the
+    ones the interrupted run used)."""
+    t, p = cfg.train, cfg.pseudo_labels
+    if p.source != "image" or t.detector_target != "pseudo" or epoch < t.detector_warmup_epochs:
+        return False
+    return not have_labels or (epoch - t.detector_warmup_epochs) % max(p.refresh_epochs, 1) == 0
 
 
 def _train_epoch(model, optimizers: Optimizers, loader: DataLoader, steps: int, cfg: Config, runtime: Runtime,
@@ -283,7 +299,7 @@ def validate(model, val_set, cfg: Config, runtime: Runtime, pool: CRFPool) -> tu
             x, label = batch.image, int(batch.label[0])
             cls_out = model.classifier(x)
             rec_mid = model.reconstructor.encoder.backbone.forward_mid(x) if uses_rec else None
-            pred = (torch.sigmoid(model.detect(cls_out.mid, rec_mid, batch.size).float()) > 0.5)[0, 0].cpu().numpy()
+            pred = (torch.sigmoid(model.detect(cls_out.mid, rec_mid, batch.size, cls_out.skips).float()) > 0.5)[0, 0].cpu().numpy()
             seen[label] += 1
             right[label] += int((cls_out.logits[0, 1].float() > 0).item()) == label
             if label == 1:

@@ -8,8 +8,12 @@ The shape of ACR's step (sangrockEG/ACR) plus the detector (paper 3.2-3.4):
     while phases (a) and (b) run.
 (b) ``classifier_step``: the reconstructor is frozen (no parameter of it changes) but gradients
     flow through its decoder into M_C; L_Cls (eqs. 17-21, CECCM included when enabled).
-(c) ``detector_step``: PAAM + detector on the mid features of Cls and Rec.E against the CRF
-    pseudo labels of the crack images, empty labels skipped (eq. 22 with the selection mechanism).
+(c) ``detector_step``: PAAM + detector on the mid features of Cls and Rec.E (and, for the ``unet``
+    decoder, Cls's fine skips) against the pseudo labels of the crack images, empty labels skipped
+    (eq. 22 with the selection mechanism). With ``pseudo_labels.source: image`` the labels are not
+    made here but come with the batch: the whole image's label, cropped with the image
+    (``wpcrack.train.relabel``). ``pseudo_labels.negatives`` adds the crack-free images as
+    all-background targets (the release drops them).
 
 "Frozen" means: eval mode (BatchNorm statistics do not move), ``requires_grad`` off for the
 duration of the phase, and only the trained network's optimiser steps.
@@ -86,15 +90,20 @@ class Batch:
     label: Tensor  # [B] int64
     mask: Tensor  # [B, 1, H, W] float, zeros without a mask (supervised variant, diagnostics only)
     has_mask: Tensor  # [B] bool
+    pseudo: Tensor | None = None  # [B, 1, H, W] float 0/1/IGNORE: whole-image pseudo labels, cropped
+    has_pseudo: Tensor | None = None  # [B] bool
 
     @classmethod
     def from_loader(cls, batch: dict, runtime: Runtime) -> Batch:
+        pseudo = batch.get("pseudo")
         return cls(
             image=runtime.images(batch["image"]),
             rgb=batch["rgb"],
             label=batch["label"].to(runtime.device),
             mask=batch["mask"].to(runtime.device),
             has_mask=torch.as_tensor(batch["has_mask"], dtype=torch.bool),
+            pseudo=pseudo.to(runtime.device) if pseudo is not None else None,
+            has_pseudo=torch.as_tensor(batch["has_pseudo"], dtype=torch.bool) if pseudo is not None else None,
         )
 
     @property
@@ -111,6 +120,7 @@ class Carry:
     """What phase (a) and (b) hand on to phase (c)."""
 
     cls_mid: Tensor | None = None
+    cls_skips: list[Tensor] | None = None
     rec_mid: Tensor | None = None
     crf: CRFHandle | None = None
 
@@ -214,8 +224,8 @@ def reconstructor_step(
         with torch.no_grad():
             cls_out = model.classifier(x)
             m_c = crack_cam(cls_out.cam, batch.label)
-        carry = Carry(cls_mid=cls_out.mid)
-        if pool is not None:
+        carry = Carry(cls_mid=cls_out.mid, cls_skips=cls_out.skips)
+        if pool is not None and cfg.pseudo_labels.source == "crop":
             cams = crack_cam(cls_out.cam[crack], batch.label[crack], size=batch.size)
             cams = cams[:, 0].to("cpu", torch.float16).numpy()
             carry.crf = pool.submit(list(batch.rgb[crack.cpu()].numpy()), list(cams))
@@ -262,16 +272,35 @@ def classifier_step(
     return parts
 
 
-def _targets(batch: Batch, cfg: Config, carry: Carry) -> tuple[Tensor, list[np.ndarray]]:
-    """Detector targets [N, 1, H, W] of the N crack images: CRF pseudo labels, or the masks."""
+def _targets(batch: Batch, cfg: Config, carry: Carry) -> tuple[Tensor, Tensor, list[np.ndarray]]:
+    """(targets [B, 1, H, W], which images train the detector [B] bool, the crack images' new labels).
+
+    Targets are the masks (supervised variant), the batch's cropped whole-image labels (source
+    image) or the CRF pool's labels of the crack crops (source crop); a crack image trains only when
+    its label has ``min_pixels`` crack pixels (the selection mechanism). With ``negatives`` every
+    crack-free image trains too, towards all background.
+    """
     crack = batch.crack
+    target = torch.zeros_like(batch.mask)
+    labels: list[np.ndarray] = []
     if cfg.train.detector_target == "mask":
-        return batch.mask[crack], []
-    labels = carry.crf.result() if carry.crf is not None else []
-    if not labels:
-        return batch.mask[:0], []
-    target = torch.from_numpy(np.stack(labels)).to(batch.image.device, torch.float32)[:, None]
-    return target, labels
+        target[crack] = batch.mask[crack]
+        usable = crack & batch.has_mask.to(crack.device)
+    else:
+        if cfg.pseudo_labels.source == "image":
+            if batch.pseudo is None:
+                raise TrainingError("pseudo_labels.source is image but the batch has no whole-image labels")
+            target = torch.where(crack.view(-1, 1, 1, 1), batch.pseudo, target)
+            usable = crack & batch.has_pseudo.to(crack.device)
+        else:
+            labels = carry.crf.result() if carry.crf is not None else []
+            if labels:
+                target[crack] = torch.from_numpy(np.stack(labels)).to(target.device, torch.float32)[:, None]
+            usable = crack.clone() if labels else torch.zeros_like(crack)
+        usable &= (target == 1).flatten(1).sum(1) >= cfg.pseudo_labels.min_pixels
+    if cfg.pseudo_labels.negatives:
+        usable |= ~crack
+    return target, usable, labels
 
 
 def detector_step(
@@ -280,36 +309,34 @@ def detector_step(
     """Phase (c); ``seconds["crf_wait"]`` is the time spent waiting for the CRF pool."""
     result = StepResult()
     t0 = time.perf_counter()
-    target, result.pseudo_labels = _targets(batch, cfg, carry)
+    target, usable, result.pseudo_labels = _targets(batch, cfg, carry)
     result.seconds["crf_wait"] = time.perf_counter() - t0
-    crack = batch.crack
-    valid = target.flatten(1).sum(1) >= cfg.pseudo_labels.min_pixels
-    if cfg.train.detector_target == "mask":
-        valid &= batch.has_mask.to(valid.device)[crack]
-    result.kept = valid.tolist()
+    result.kept = usable[batch.crack].tolist() if result.pseudo_labels else []
     detach = cfg.train.detach_detector_features
     opts = [optimizers.detector] if detach else [optimizers.detector, optimizers.classifier, optimizers.reconstructor]
-    if not bool(valid.any()):
+    if not bool(usable.any()):
         if runtime.world.enabled:  # the other ranks may have images: join their gradient average
             _step(opts, "detector", None, {}, runtime.world, weight=0.0)
         return result
 
-    x = batch.image[crack][valid]
+    x = batch.image[usable]
     uses_rec = model.uses_rec
     trainable = detector_modules(model)
     if not detach:
         trainable += [model.classifier, model.reconstructor.encoder]
     with training_only(model, trainable, cfg.train.freeze_bn), runtime.autocast():
         if detach:
-            cls_mid = carry.cls_mid[crack][valid]
-            rec_mid = carry.rec_mid[crack][valid] if uses_rec else None
+            cls_mid, skips = carry.cls_mid[usable], [s[usable] for s in carry.cls_skips]
+            rec_mid = carry.rec_mid[usable] if uses_rec else None
         else:
-            cls_mid = model.classifier.backbone.forward_mid(x)
+            cls_mid, skips = model.classifier.backbone.forward_mid_skips(x)
             rec_mid = model.reconstructor.encoder.backbone.forward_mid(x) if uses_rec else None
-        logits = model.detect(cls_mid, rec_mid, batch.size)
-        total, result.losses = detector_loss(logits, target[valid], pos_weight=cfg.loss.det_pos_weight)
+        logits = model.detect(cls_mid, rec_mid, batch.size, skips)
+        total, result.losses = detector_loss(
+            logits, target[usable], pos_weight=cfg.loss.det_pos_weight, dice=cfg.loss.det_dice
+        )
     # Weighted by this rank's images: the mean over the global detector batch, as in one process.
-    _step(opts, "detector", total, result.losses, runtime.world, weight=float(valid.sum()))
+    _step(opts, "detector", total, result.losses, runtime.world, weight=float(usable.sum()))
     return result
 
 

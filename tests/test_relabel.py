@@ -1,0 +1,70 @@
+"""Whole-image pseudo labels (pseudo_labels.source: image): made from the classifier's CAM of the
+stored image, kept with the dataset for its crack rows only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from wpcrack.config import Config, PathsConfig, PrepareConfig, SyntheticPrepare, load_config
+from wpcrack.data.datasets import WeakDataset
+from wpcrack.data.prepare import prepare
+from wpcrack.models.wpcracknet import build_model
+from wpcrack.pseudo_labels import IGNORE, CRFPool
+from wpcrack.train.phases import Runtime
+from wpcrack.train.relabel import image_cams, refresh
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+TINY = ["model.cam_channels=16", "model.paam_channels=8", "model.paam_reduction=4", "model.detector_channels=8",
+        "model.decoder_channels=8", "pseudo_labels.workers=0", "pseudo_labels.iterations=2"]
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    data = tmp_path_factory.mktemp("data")
+    syn = SyntheticPrepare(size=40, train_crack=3, train_nocrack=2, val_crack=1, val_nocrack=1, test=2, seed=5)
+    return prepare(Config(paths=PathsConfig(data=str(data)), prepare=PrepareConfig(synthetic=syn)), "synthetic")
+
+
+class _Half(torch.nn.Module):
+    """A classifier whose crack CAM is the image's left half (its mirror image under a flip)."""
+
+    def forward(self, x):
+        cam = torch.zeros(x.shape[0], 2, *x.shape[-2:])
+        cam[:, 1, :, : x.shape[-1] // 2] = 1.0
+        return type("Out", (), {"cam": cam})()
+
+
+def test_image_cams_average_scales_and_flips_and_peak_at_one():
+    x = torch.zeros(2, 3, 16, 16)
+    plain = image_cams(_Half(), x, (1.0,), flip=False)
+    assert plain.shape == (2, 16, 16) and plain.max() == pytest.approx(1.0)
+    assert plain[:, :, :8].min() > 0.99 and plain[:, :, 8:].max() < 0.01
+    flipped = image_cams(_Half(), x, (1.0, 0.5), flip=True)
+    # The left half (plain views) and the right half (flipped views) each get half the votes.
+    assert flipped[:, :, :8].mean().item() == pytest.approx(flipped[:, :, 8:].mean().item(), rel=0.05)
+
+
+@pytest.mark.parametrize("method", ["crf", "darkness"])
+def test_refresh_labels_every_crack_row_in_train_mode_afterwards(manifest, method):
+    torch.manual_seed(0)
+    cfg = load_config(PARAMS, dataset="synthetic", variant="full", profile="smoke",
+                      overrides=[*TINY, "pseudo_labels.source=image", f"pseudo_labels.method={method}",
+                                 "pseudo_labels.ignore_band=1"])
+    model = build_model(cfg)
+    model.train()
+    dataset = WeakDataset(manifest, "train", crop_size=32, augment=True, seed=0)
+    with CRFPool(cfg.pseudo_labels) as pool:
+        diag = refresh(model, dataset, cfg, Runtime(torch.device("cpu")), pool)
+    crack_rows = [i for i, label in enumerate(dataset.labels) if label == 1]
+    assert sorted(dataset.pseudo) == crack_rows
+    for i in crack_rows:
+        rgb = dataset.raw(i)[0]
+        assert dataset.pseudo[i].shape == rgb.shape[:2]
+        assert set(np.unique(dataset.pseudo[i])) <= {0, 1, IGNORE}
+    assert 0.0 <= diag["pseudo_label_iou"] <= 1.0 and 0.0 <= diag["pseudo_label_kept"] <= 1.0
+    assert all(m.training for m in model.modules())
+    assert dataset[crack_rows[0]]["has_pseudo"] is True

@@ -1,0 +1,80 @@
+"""Whole-image pseudo labels (``pseudo_labels.source: image``), remade every ``refresh_epochs``.
+
+The paper makes each label from the CAM of the training crop. A 128 px crop's CAM lacks context
+and its 8 px cells are wider than a crack; the CAM of the whole stored image, averaged over scales
+and flips as IRNet and ACR infer, covers a crack end to end. The labels are made in eval mode at the
+start of an epoch from the current classifier, kept with the dataset, and cropped and flipped with
+the image by its augmentation, so the detector sees the same label wherever the crop falls.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wpcrack.cam import crack_cam
+from wpcrack.config import Config
+from wpcrack.pseudo_labels import CRFPool, confusion, crack_pixels, iou_of
+
+BATCH = 16
+
+
+@torch.inference_mode()
+def image_cams(classifier: torch.nn.Module, images: torch.Tensor, scales: tuple[float, ...], flip: bool) -> torch.Tensor:
+    """[B, H, W] crack CAMs of normalised images [B, 3, H, W]: the mean over ``scales`` (and their
+    flips) of each per-image normalised CAM at the input size, normalised again to a maximum of 1."""
+    size = tuple(images.shape[-2:])
+    total = torch.zeros(images.shape[0], 1, *size, device=images.device)
+    views = 0
+    ones = torch.ones(images.shape[0], dtype=torch.int64)
+    for scale in scales:
+        x = images if scale == 1.0 else F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
+        for flipped in ((False, True) if flip else (False,)):
+            xi = x.flip(-1) if flipped else x
+            cam = crack_cam(classifier(xi).cam, ones, size=tuple(xi.shape[-2:]))
+            cam = cam.flip(-1) if flipped else cam
+            if cam.shape[-2:] != size:
+                cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
+            total += cam.float()
+            views += 1
+    total /= views
+    peak = total.amax(dim=(2, 3), keepdim=True).clamp(min=1e-5)
+    return (total / peak)[:, 0]
+
+
+def refresh(model: torch.nn.Module, dataset, cfg: Config, runtime, pool: CRFPool) -> dict[str, float]:
+    """Set ``dataset.pseudo`` to the labels of its crack rows; returns the label diagnostic
+    (``pseudo_label_iou`` against the rows' masks, monitoring only; ``pseudo_label_kept``)."""
+    from wpcrack.data.datasets import normalize
+
+    p = cfg.pseudo_labels
+    crack_rows = [i for i, label in enumerate(dataset.labels) if label == 1]
+    by_shape: dict[tuple, list[int]] = defaultdict(list)
+    raws = {}
+    for i in crack_rows:
+        raws[i] = dataset.raw(i)
+        by_shape[raws[i][0].shape].append(i)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    labels: dict[int, np.ndarray] = {}
+    try:
+        for rows in by_shape.values():
+            for start in range(0, len(rows), BATCH):
+                chunk = rows[start:start + BATCH]
+                rgbs = [raws[i][0] for i in chunk]
+                x = runtime.images(normalize(torch.from_numpy(np.stack(rgbs))))
+                with runtime.autocast():
+                    cams = image_cams(model.classifier, x, p.cam_scales, p.cam_flip)
+                made = pool.submit(rgbs, list(cams.float().cpu().numpy())).result()
+                labels.update(zip(chunk, made, strict=True))
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    dataset.pseudo = labels
+    with_mask = [i for i in crack_rows if raws[i][2]]
+    diag = confusion([labels[i] for i in with_mask], [raws[i][1] for i in with_mask])
+    kept = sum(crack_pixels(labels[i]) >= p.min_pixels for i in crack_rows)
+    return {"pseudo_label_iou": iou_of(diag), "pseudo_label_kept": kept / len(crack_rows) if crack_rows else float("nan")}
