@@ -19,7 +19,8 @@ from wpcrack.data.datasets import normalize
 from wpcrack.errors import DataError
 from wpcrack.io import read_mask, write_image
 from wpcrack.models.wpcracknet import build_model
-from wpcrack.predict import crack_stats, load_resolved_config, predict, probability_map, skeletonize
+from wpcrack.detection import load_resolved_config, probability_map
+from wpcrack.predict import crack_stats, predict, skeletonize
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 TINY = ["model.backbone=mobilenet_v2", "model.pretrained=false", "model.cam_channels=16", "model.paam_channels=16",

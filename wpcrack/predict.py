@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from wpcrack.detection import DEFAULT_GATE, check_gate, check_scales, device, load_model_dir, probability_map
 from wpcrack.errors import DataError
 from wpcrack.io import IMAGE_SUFFIXES, atomic_path, list_images, read_image, write_image, write_json
 
@@ -56,7 +57,6 @@ CSV_COLUMNS = (
     "crack_pixels", "crack_share", "length_px", "max_width_px", "mean_width_px",
     "length_mm", "max_width_mm", "mean_width_mm", "error",
 )
-DEFAULT_GATE = 0.0  # classifier crack probability below which a tile is skipped (0: every tile kept)
 GATE_WARN_SHARE = 0.5  # warn when the gate skips more than this share of an image's tiles
 _OVERLAY_RGB = np.array([255, 0, 0], dtype=np.float32)
 _OVERLAY_ALPHA = 0.6
@@ -190,45 +190,6 @@ def crack_stats(mask: np.ndarray, mm_per_pixel: float | None = None) -> dict[str
 # --- model loading and inference ---------------------------------------------------------------
 
 
-def load_resolved_config(path: str | Path) -> Config:
-    """A ``config.yaml`` written by ``dump_config`` (a resolved run) back into a typed Config."""
-    import yaml
-
-    from wpcrack.config import resolve
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "resolved configuration not found (a trained model folder has config.yaml)")
-    raw = yaml.safe_load(path.read_text()) or {}
-    meta = {k: raw.pop(k, None) for k in ("profile", "dataset", "variant")}
-    profile, variant = meta["profile"] or "cpu", meta["variant"] or "full"
-    raw.update(profiles={profile: {}}, variants={variant: {}})
-    return resolve(raw, meta["dataset"], variant, profile=profile)
-
-
-def inference_copy(cfg: Config) -> Config:
-    """``cfg`` without anything that would fetch backbone weights: the checkpoint replaces them all."""
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=False, weights_path=None))
-
-
-def device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load_model_dir(path: str | Path) -> tuple[torch.nn.Module, Config]:
-    """(SlimDetector, resolved config) of a trained model folder, or of the ``best.pt`` in one."""
-    from wpcrack.evaluate.inference import load_trained
-
-    path = Path(path)
-    if path.is_file() and path.name != "best.pt":
-        raise DataError(path, "pass a trained model folder or the best.pt inside one")
-    folder = path.parent if path.is_file() else path
-    if not folder.is_dir():
-        raise DataError(path, "model folder not found")
-    cfg = load_resolved_config(folder / "config.yaml")
-    return load_trained(folder, inference_copy(cfg), device()).slim(), cfg
-
-
 def model_uri(model: str, dataset: str, prefix: str) -> str | None:
     """The MLflow URI ``model`` names (``champion`` = the dataset's champion alias), or None for a path."""
     from wpcrack.tracking import CHAMPION, model_name
@@ -240,6 +201,25 @@ def model_uri(model: str, dataset: str, prefix: str) -> str | None:
     return None
 
 
+def load_registered(uri: str) -> tuple[torch.nn.Module, Config]:
+    """(SlimDetector, resolved config) of a logged model, e.g. ``models:/wpcrack-deepcrack@champion``."""
+    from mlflow.exceptions import MlflowException
+
+    from wpcrack.errors import WpcrackError
+    from wpcrack.tracking import mlflow_module
+
+    mlflow = mlflow_module()
+    try:
+        model = mlflow.pyfunc.load_model(uri)
+    except MlflowException as exc:
+        raise WpcrackError(
+            f"{uri}: cannot load from MLflow ({mlflow.get_tracking_uri()}): {exc.message.splitlines()[0]}. "
+            "Train and promote a model first, or pass --model <trained model folder>"
+        ) from None
+    impl = model.unwrap_python_model()
+    return impl.detector, impl.cfg
+
+
 def load_detector(model: str, dataset: str, params: str | Path | None = None) -> tuple[torch.nn.Module, Config, str]:
     """(SlimDetector, config, source) for ``model``; inference settings from ``params`` if it exists."""
     from wpcrack.config import load_config
@@ -248,9 +228,7 @@ def load_detector(model: str, dataset: str, params: str | Path | None = None) ->
     prefix = base.tracking.model_name_prefix if base else "wpcrack"
     uri = model_uri(model, dataset, prefix)
     if uri:
-        from wpcrack.serving import load_pyfunc_detector
-
-        detector, cfg = load_pyfunc_detector(uri)
+        detector, cfg = load_registered(uri)
         source = uri
     else:
         detector, cfg = load_model_dir(model)
@@ -258,63 +236,6 @@ def load_detector(model: str, dataset: str, params: str | Path | None = None) ->
     if base is not None:
         cfg = dataclasses.replace(cfg, evaluate=base.evaluate)
     return detector.to(device()).eval(), cfg, source
-
-
-class GatedDetector(torch.nn.Module):
-    """A SlimDetector whose ``predict`` returns zeros for inputs the classifier calls crack-free.
-
-    ``predict_image`` tiles large photos and calls ``predict`` per batch of tiles, so gating here
-    skips crack-free tiles without a second tiling implementation. ``gate=0`` keeps every tile.
-    """
-
-    def __init__(self, detector: torch.nn.Module, gate: float = DEFAULT_GATE):
-        super().__init__()
-        self.detector = detector
-        self.gate = gate
-        self.tiles = 0
-        self.skipped = 0
-
-    @torch.inference_mode()
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros((x.shape[0], 1, *x.shape[-2:]), dtype=torch.float32, device=x.device)
-        keep = self.detector.classify(x) >= self.gate if self.gate > 0 else torch.ones(len(x), dtype=torch.bool)
-        keep = keep.to(x.device)
-        self.tiles += len(x)
-        self.skipped += int((~keep).sum())
-        if keep.any():
-            out[keep] = self.detector(x[keep]).float()
-        return out
-
-
-def check_gate(gate: float) -> float:
-    if not 0.0 <= gate < 1.0:
-        raise DataError("--gate", f"must be a classifier probability in [0, 1), got {gate} (0 keeps every tile)")
-    return gate
-
-
-def check_scales(scales: Sequence[float]) -> tuple[float, ...]:
-    if not scales or any(not 0.05 <= s <= 8.0 for s in scales):
-        raise DataError("--scale", f"each scale must be between 0.05 and 8, got {list(scales)}")
-    return tuple(scales)
-
-
-def probability_map(detector: torch.nn.Module, rgb: np.ndarray, cfg: Config, gate: float = DEFAULT_GATE,
-                    scales: Sequence[float] = (1.0,)) -> tuple[np.ndarray, int, int]:
-    """(crack probabilities float32 HxW, tiles, tiles skipped) of one RGB image of any size: the
-    mean over ``scales`` of the prediction of the image resized by each, resized back."""
-    import cv2
-
-    from wpcrack.evaluate.inference import predict_image
-
-    gated = GatedDetector(detector, check_gate(gate))
-    h, w = rgb.shape[:2]
-    total = np.zeros((h, w), dtype=np.float32)
-    for scale in check_scales(scales):
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        image = rgb if size == (w, h) else cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-        prob = predict_image(gated, image, cfg)
-        total += prob if prob.shape == (h, w) else cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR)
-    return total / len(scales), gated.tiles, gated.skipped
 
 
 def overlay(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -1,8 +1,8 @@
 """The detector as an MLflow pyfunc model: base64 images in, base64 masks and crack shares out.
 
 Request: a DataFrame (REST: ``dataframe_records``) with one string column ``image`` holding
-base64-encoded PNG or JPEG bytes, one row per image, any size. Large images are tiled and tiles the
-classifier calls crack-free are skipped, exactly as ``wpcrack predict`` does. Response, per row:
+base64-encoded PNG or JPEG bytes, one row per image, any size. Large images are tiled exactly as
+``wpcrack predict`` does (``wpcrack.detection.probability_map``). Response, per row:
 ``mask`` (base64 PNG, 0/255, the image's size) and ``crack_share`` (crack pixels / all pixels).
 Optional params: ``threshold`` (crack probability; default: the model's ``evaluate.threshold``) and
 ``gate`` (classifier probability below which a tile is skipped; 0 keeps every tile).
@@ -26,6 +26,8 @@ import numpy as np
 import pandas as pd
 from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
+
+from wpcrack.detection import DEFAULT_GATE, device, load_resolved_config, load_slim, probability_map, save_detector
 
 INPUT_COLUMN = "image"
 WEIGHTS_ARTIFACT = "weights"
@@ -90,45 +92,19 @@ def signature(threshold: float, gate: float):
 
 def save_artifacts(detector, cfg, folder: Path) -> dict[str, str]:
     """Write the detector's weights and resolved config into ``folder``; the pyfunc artifact map."""
-    import torch
-
-    from wpcrack.config import dump_config
-
-    folder.mkdir(parents=True, exist_ok=True)
-    weights, config = folder / "detector.pt", folder / "config.yaml"
-    torch.save({k: v.detach().cpu() for k, v in detector.state_dict().items()}, weights)
-    dump_config(cfg, config)
+    weights, config = save_detector(detector, cfg, folder)
     return {WEIGHTS_ARTIFACT: str(weights), CONFIG_ARTIFACT: str(config)}
-
-
-def load_slim(weights: str | Path, cfg):
-    """Rebuild the SlimDetector for ``cfg`` and load its weights (sliced with the classifier head,
-    for gating, when the weights have one)."""
-    import torch
-
-    from wpcrack.models.wpcracknet import build_model
-    from wpcrack.predict import inference_copy
-
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    gating = any(k.startswith("cls_head.") for k in state)
-    slim = build_model(inference_copy(cfg)).slim(gating=gating)
-    slim.load_state_dict(state)
-    return slim.eval()
 
 
 class CrackDetector(PythonModel):
     """pyfunc wrapper; ``detector`` and ``cfg`` are public so ``wpcrack predict`` can reuse them."""
 
     def load_context(self, context) -> None:
-        from wpcrack.predict import device, load_resolved_config
-
         self.cfg = load_resolved_config(context.artifacts[CONFIG_ARTIFACT])
         self.detector = load_slim(context.artifacts[WEIGHTS_ARTIFACT], self.cfg).to(device())
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         from mlflow.exceptions import MlflowException
-
-        from wpcrack.predict import DEFAULT_GATE, probability_map
 
         params = params or {}
         threshold = float(params.get("threshold", self.cfg.evaluate.threshold))
@@ -146,25 +122,6 @@ class CrackDetector(PythonModel):
             masks.append(encode_png(mask.astype(np.uint8) * 255))
             shares.append(float(mask.mean()))
         return pd.DataFrame({"mask": masks, "crack_share": shares})
-
-
-def load_pyfunc_detector(uri: str):
-    """(SlimDetector, resolved config) of a logged model, e.g. ``models:/wpcrack-deepcrack@champion``."""
-    from mlflow.exceptions import MlflowException
-
-    from wpcrack.errors import WpcrackError
-    from wpcrack.tracking import mlflow_module
-
-    mlflow = mlflow_module()
-    try:
-        model = mlflow.pyfunc.load_model(uri)
-    except MlflowException as exc:
-        raise WpcrackError(
-            f"{uri}: cannot load from MLflow ({mlflow.get_tracking_uri()}): {exc.message.splitlines()[0]}. "
-            "Train and promote a model first, or pass --model <trained model folder>"
-        ) from None
-    impl = model.unwrap_python_model()
-    return impl.detector, impl.cfg
 
 
 set_model(CrackDetector())

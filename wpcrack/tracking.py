@@ -175,7 +175,7 @@ class Tracker:
             return None
         import wpcrack
         from wpcrack import serving
-        from wpcrack.predict import DEFAULT_GATE
+        from wpcrack.detection import DEFAULT_GATE
 
         mlflow = mlflow_module()
         name = model_name(self.cfg.tracking.model_name_prefix, self.cfg.dataset)

@@ -89,7 +89,7 @@ def evaluate(cfg: Config, model_dir: Path, out_dir: Path) -> dict:
     accs = {m: ConfusionAccumulator(cfg.evaluate.threshold, cfg.evaluate.pr_thresholds) for m in MODES}
     shown = set(pick_rows(len(rows), cfg.evaluate.figure_images))
     figure_rows = []
-    from wpcrack.predict import GatedDetector
+    from wpcrack.detection import GatedDetector
 
     gated = GatedDetector(model.slim(), GATE)
     start = time.perf_counter()

@@ -151,7 +151,8 @@ def compare(params: Path, dataset: str) -> dict[str, Path]:
             f"# Ablation on {dataset} (paper Table 1)\n\n{note}\n\n"
             "Metrics in percent (design.md section 1: counts summed over the test set, threshold 0.5). "
             "`ours_*` come from `results/<dataset>/<variant>/metrics.json`; `paper_*` are the published "
-            "numbers (DeepCrack only).\n\n" + to_markdown(ablation)
+            "numbers (DeepCrack only). A row of dashes has no evaluation of the current code and profile "
+            f"yet: `dvc repro evaluate@{dataset}-<variant>` trains and scores it.\n\n" + to_markdown(ablation)
         ),
         "comparison.md": (
             f"# Comparison on {dataset} (paper Tables 2-4)\n\n{note}\n\n"

@@ -1,0 +1,142 @@
+"""The trained detector as a function of an image: loading a model folder and the probability map.
+
+Shared by ``wpcrack predict``, the evaluation's gated scores and the MLflow pyfunc wrapper
+(``wpcrack.serving``); it knows nothing of MLflow, so the imports run one way:
+predict -> tracking -> serving -> detection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from wpcrack.errors import DataError
+
+if TYPE_CHECKING:
+    from wpcrack.config import Config
+
+DEFAULT_GATE = 0.0  # classifier crack probability below which a tile is skipped (0: every tile kept)
+
+
+def load_resolved_config(path: str | Path) -> Config:
+    """A ``config.yaml`` written by ``dump_config`` (a resolved run) back into a typed Config."""
+    import yaml
+
+    from wpcrack.config import resolve
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "resolved configuration not found (a trained model folder has config.yaml)")
+    raw = yaml.safe_load(path.read_text()) or {}
+    meta = {k: raw.pop(k, None) for k in ("profile", "dataset", "variant")}
+    profile, variant = meta["profile"] or "cpu", meta["variant"] or "full"
+    raw.update(profiles={profile: {}}, variants={variant: {}})
+    return resolve(raw, meta["dataset"], variant, profile=profile)
+
+
+def inference_copy(cfg: Config) -> Config:
+    """``cfg`` without anything that would fetch backbone weights: the checkpoint replaces them all."""
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=False, weights_path=None))
+
+
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model_dir(path: str | Path) -> tuple[torch.nn.Module, Config]:
+    """(SlimDetector, resolved config) of a trained model folder, or of the ``best.pt`` in one."""
+    from wpcrack.evaluate.inference import load_trained
+
+    path = Path(path)
+    if path.is_file() and path.name != "best.pt":
+        raise DataError(path, "pass a trained model folder or the best.pt inside one")
+    folder = path.parent if path.is_file() else path
+    if not folder.is_dir():
+        raise DataError(path, "model folder not found")
+    cfg = load_resolved_config(folder / "config.yaml")
+    return load_trained(folder, inference_copy(cfg), device()).slim(), cfg
+
+
+def save_detector(detector: torch.nn.Module, cfg: Config, folder: Path) -> tuple[Path, Path]:
+    """Write a SlimDetector's weights and the resolved config into ``folder``: (weights, config)."""
+    from wpcrack.config import dump_config
+
+    folder.mkdir(parents=True, exist_ok=True)
+    weights, config = folder / "detector.pt", folder / "config.yaml"
+    torch.save({k: v.detach().cpu() for k, v in detector.state_dict().items()}, weights)
+    dump_config(cfg, config)
+    return weights, config
+
+
+def load_slim(weights: str | Path, cfg: Config) -> torch.nn.Module:
+    """Rebuild the SlimDetector for ``cfg`` and load its weights (sliced with the classifier head,
+    for gating, when the weights have one)."""
+    from wpcrack.models.wpcracknet import build_model
+
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    gating = any(k.startswith("cls_head.") for k in state)
+    slim = build_model(inference_copy(cfg)).slim(gating=gating)
+    slim.load_state_dict(state)
+    return slim.eval()
+
+
+class GatedDetector(torch.nn.Module):
+    """A SlimDetector whose ``predict`` returns zeros for inputs the classifier calls crack-free.
+
+    ``predict_image`` tiles large photos and calls ``predict`` per batch of tiles, so gating here
+    skips crack-free tiles without a second tiling implementation. ``gate=0`` keeps every tile.
+    """
+
+    def __init__(self, detector: torch.nn.Module, gate: float = DEFAULT_GATE):
+        super().__init__()
+        self.detector = detector
+        self.gate = gate
+        self.tiles = 0
+        self.skipped = 0
+
+    @torch.inference_mode()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros((x.shape[0], 1, *x.shape[-2:]), dtype=torch.float32, device=x.device)
+        keep = self.detector.classify(x) >= self.gate if self.gate > 0 else torch.ones(len(x), dtype=torch.bool)
+        keep = keep.to(x.device)
+        self.tiles += len(x)
+        self.skipped += int((~keep).sum())
+        if keep.any():
+            out[keep] = self.detector(x[keep]).float()
+        return out
+
+
+def check_gate(gate: float) -> float:
+    if not 0.0 <= gate < 1.0:
+        raise DataError("--gate", f"must be a classifier probability in [0, 1), got {gate} (0 keeps every tile)")
+    return gate
+
+
+def check_scales(scales: Sequence[float]) -> tuple[float, ...]:
+    if not scales or any(not 0.05 <= s <= 8.0 for s in scales):
+        raise DataError("--scale", f"each scale must be between 0.05 and 8, got {list(scales)}")
+    return tuple(scales)
+
+
+def probability_map(detector: torch.nn.Module, rgb: np.ndarray, cfg: Config, gate: float = DEFAULT_GATE,
+                    scales: Sequence[float] = (1.0,)) -> tuple[np.ndarray, int, int]:
+    """(crack probabilities float32 HxW, tiles, tiles skipped) of one RGB image of any size: the
+    mean over ``scales`` of the prediction of the image resized by each, resized back."""
+    import cv2
+
+    from wpcrack.evaluate.inference import predict_image
+
+    gated = GatedDetector(detector, check_gate(gate))
+    h, w = rgb.shape[:2]
+    total = np.zeros((h, w), dtype=np.float32)
+    for scale in check_scales(scales):
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        image = rgb if size == (w, h) else cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        prob = predict_image(gated, image, cfg)
+        total += prob if prob.shape == (h, w) else cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR)
+    return total / len(scales), gated.tiles, gated.skipped
