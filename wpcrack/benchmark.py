@@ -15,6 +15,7 @@ import platform
 import re
 import resource
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,6 +25,8 @@ import torch
 from wpcrack.config import Config
 from wpcrack.io import atomic_path, write_json
 from wpcrack.models.wpcracknet import count_parameters
+
+ONNX_MODE = "onnxruntime_fp32"  # the slim model exported to ONNX, run by ONNX Runtime on the CPU
 
 # The cpu profile's goal: the slim model at most this many ms per 256x256 image on 2 CPU cores.
 CPU_GOAL_MS = 60.0
@@ -78,7 +81,10 @@ class PeakRSS:
 
 
 def _prepare(model: torch.nn.Module, device: str, mode: str) -> tuple[Callable, Callable]:
-    """(input maker, forward) for one precision / layout mode of a copy of ``model`` on ``device``."""
+    """(input maker, forward) for one precision / layout mode of a copy of ``model`` on ``device``
+    (an ONNX Runtime model for ``ONNX_MODE``: run as it is)."""
+    if mode == ONNX_MODE:
+        return (lambda batch, size: torch.randn(batch, 3, size, size)), model
     model = copy.deepcopy(model).to(device).eval()
     layout = torch.channels_last if "channels_last" in mode else torch.contiguous_format
     model = model.to(memory_format=layout)
@@ -163,11 +169,21 @@ def environment() -> dict:
 
 
 def device_modes() -> list[tuple[str, str]]:
-    """(device, mode) pairs to measure: fp32 on the CPU; on a GPU also bf16, channels_last, compile."""
-    pairs = [("cpu", "fp32")]
+    """(device, mode) pairs to measure: fp32 and ONNX Runtime on the CPU; on a GPU also bf16,
+    channels_last, compile."""
+    pairs = [("cpu", "fp32"), ("cpu", ONNX_MODE)]
     if torch.cuda.is_available():
         pairs += [("cuda", m) for m in ("fp32", "bf16", "bf16_channels_last", "bf16_channels_last_compile")]
     return pairs
+
+
+def _onnx_copy(slim: torch.nn.Module, cfg: Config, folder: Path) -> torch.nn.Module:
+    """The slim model exported to ONNX (``wpcrack export``) and loaded into ONNX Runtime."""
+    from wpcrack.detection import load_onnx
+    from wpcrack.export import export_onnx
+
+    path = export_onnx(slim, cfg, folder / "slim.onnx", size=cfg.benchmark.size)
+    return load_onnx(path)[0]
 
 
 def _slim_agreement(model: torch.nn.Module, slim: torch.nn.Module, size: int) -> float:
@@ -192,19 +208,26 @@ def benchmark(cfg: Config, model_dir: Path, out_dir: Path, model: torch.nn.Modul
     gating = cfg.dataset == "cfd"  # CFD inference also runs the whole classifier (patch gating)
     slim = model.slim(gating=gating).cpu().eval() if hasattr(model, "slim") else model
     bc = cfg.benchmark
-    runs = {}
+    runs, onnx, onnx_diff = {}, None, None
+    scratch = tempfile.TemporaryDirectory(prefix="wpcrack-onnx-")
     for device, mode in (device_modes() if modes is None else modes):
         for batch in bc.batch_sizes:
             key = f"{device}_{mode}_b{batch}"
             try:
-                runs[key] = measure(slim, device, mode, batch, bc.size, bc.warmup, bc.iterations)
+                if mode == ONNX_MODE and onnx is None:
+                    onnx = _onnx_copy(slim, cfg, Path(scratch.name))
+                    onnx_diff = _slim_agreement(slim, onnx, bc.size)
+                subject = onnx if mode == ONNX_MODE else slim
+                runs[key] = measure(subject, device, mode, batch, bc.size, bc.warmup, bc.iterations)
             except Exception as exc:  # compile or bf16 may be unsupported; record, measure the rest
                 if device == "cpu" and mode == "fp32":
                     raise
                 error = f"{exc.__class__.__name__}: {exc}"[:300]
                 runs[key] = {"device": device, "mode": mode, "batch_size": batch, "error": error}
 
+    scratch.cleanup()
     cpu_b1 = runs.get("cpu_fp32_b1", {}).get("ms_per_image")
+    onnx_b1 = runs.get(f"cpu_{ONNX_MODE}_b1", {}).get("ms_per_image")
     applicable = cfg.profile == "cpu" and bc.size == CPU_GOAL_SIZE and cpu_b1 is not None
     result = {
         "dataset": cfg.dataset,
@@ -220,6 +243,8 @@ def benchmark(cfg: Config, model_dir: Path, out_dir: Path, model: torch.nn.Modul
             "slim_m": count_parameters(slim) / 1e6,
         },
         "slim_max_abs_diff": _slim_agreement(model, slim, bc.size),
+        "onnx": {"max_abs_diff": onnx_diff, "ms_per_image_b1": onnx_b1,
+                 "ratio_to_torch_fp32_b1": onnx_b1 / cpu_b1 if onnx_b1 and cpu_b1 else None},
         "memory_method": {"cpu": PeakRSS().method, "cuda": "torch.cuda.max_memory_allocated"},
         "environment": environment(),
         "runs": runs,
@@ -265,6 +290,11 @@ def to_markdown(result: dict) -> str:
             f"| {run['device']} | {run['mode']} | {run['batch_size']} | {run['latency_ms_median']:.1f} | "
             f"{run['ms_per_image']:.1f} | {run['images_per_s']:.1f} | {run['peak_memory_mb']:.0f} |"
         )
+    onnx = result.get("onnx") or {}
+    if onnx.get("ratio_to_torch_fp32_b1") is not None:
+        lines += ["", f"ONNX Runtime ({ONNX_MODE}, `wpcrack export --onnx`) at batch 1: {onnx['ms_per_image_b1']:.1f} "
+                  f"ms per image, {onnx['ratio_to_torch_fp32_b1']:.2f} x the time of torch fp32; largest "
+                  f"|onnx - torch| crack probability {onnx['max_abs_diff']:.1e}."]
     status = {True: "met", False: "not met", None: "not applicable to this profile"}[goal["passed"]]
     measured = f"{goal['measured_ms']:.1f} ms" if goal["measured_ms"] is not None else "n/a"
     lines += ["", f"Goal ({goal['description']}): {status} ({measured}).",

@@ -116,6 +116,14 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
               out_dir=Path(cfg.paths.reports) / "benchmark")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    cfg = _config(args, args.dataset, args.variant)
+    from wpcrack.export import export
+
+    model_dir, _ = _run_dirs(cfg, args.dataset, args.variant)
+    export(cfg, Path(args.model_dir) if args.model_dir else model_dir, Path(args.onnx), args.check_images)
+
+
 def cmd_predict(args: argparse.Namespace) -> None:
     from wpcrack.predict import predict
 
@@ -274,10 +282,20 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_benchmark)
 
+    p = sub.add_parser("export", help="export the slim detector to ONNX and check it against torch")
+    _dataset_arg(p)
+    p.add_argument("--variant", default="full", help="variant from params.yaml (default: full)")
+    p.add_argument("--model-dir", help="trained model folder (default: models/<dataset>/<variant>)")
+    p.add_argument("--onnx", required=True, metavar="PATH", help="ONNX file to write (check report: PATH.json)")
+    p.add_argument("--check-images", type=int, default=8, metavar="N",
+                   help="test images on which to compare ONNX Runtime with torch (default: 8; 0: no check)")
+    _common(p)
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("predict", help="detect cracks on your own images or large survey photos")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="images or folders")
     p.add_argument("--model", default="champion",
-                   help="'champion' (MLflow alias), a models:/ URI, or a model folder/checkpoint")
+                   help="'champion' (MLflow alias), a models:/ URI, a model folder/checkpoint, or a .onnx export")
     p.add_argument("--dataset", default="deepcrack", help="registered model to use with 'champion'")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--mm-per-pixel", type=float, help="ground sampling distance for mm statistics")

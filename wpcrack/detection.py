@@ -25,14 +25,19 @@ DEFAULT_GATE = 0.0  # classifier crack probability below which a tile is skipped
 
 def load_resolved_config(path: str | Path) -> Config:
     """A ``config.yaml`` written by ``dump_config`` (a resolved run) back into a typed Config."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "resolved configuration not found (a trained model folder has config.yaml)")
+    return config_from_text(path.read_text())
+
+
+def config_from_text(text: str) -> Config:
+    """A resolved configuration (``dump_config``'s YAML) as a typed Config."""
     import yaml
 
     from wpcrack.config import resolve
 
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "resolved configuration not found (a trained model folder has config.yaml)")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = yaml.safe_load(text) or {}
     meta = {k: raw.pop(k, None) for k in ("profile", "dataset", "variant")}
     profile, variant = meta["profile"] or "cpu", meta["variant"] or "full"
     raw.update(profiles={profile: {}}, variants={variant: {}})
@@ -49,12 +54,15 @@ def device() -> str:
 
 
 def load_model_dir(path: str | Path) -> tuple[torch.nn.Module, Config]:
-    """(SlimDetector, resolved config) of a trained model folder, or of the ``best.pt`` in one."""
+    """(SlimDetector, resolved config) of a trained model folder, of the ``best.pt`` in one, or of an
+    ONNX file written by ``wpcrack export --onnx`` (run by ONNX Runtime)."""
     from wpcrack.evaluate.inference import load_trained
 
     path = Path(path)
+    if path.suffix == ".onnx":
+        return load_onnx(path)
     if path.is_file() and path.name != "best.pt":
-        raise DataError(path, "pass a trained model folder or the best.pt inside one")
+        raise DataError(path, "pass a trained model folder, the best.pt inside one, or a .onnx export")
     folder = path.parent if path.is_file() else path
     if not folder.is_dir():
         raise DataError(path, "model folder not found")
@@ -111,6 +119,11 @@ class GatedDetector(torch.nn.Module):
         return out
 
 
+def supports_gate(detector: torch.nn.Module) -> bool:
+    """Whether ``detector`` has the classifier head that ``--gate`` needs (an ONNX export has not)."""
+    return callable(getattr(detector, "classify", None)) and getattr(detector, "cls_head", True) is not None
+
+
 def check_gate(gate: float) -> float:
     if not 0.0 <= gate < 1.0:
         raise DataError("--gate", f"must be a classifier probability in [0, 1), got {gate} (0 keeps every tile)")
@@ -140,3 +153,46 @@ def probability_map(detector: torch.nn.Module, rgb: np.ndarray, cfg: Config, gat
         prob = predict_image(gated, image, cfg)
         total += prob if prob.shape == (h, w) else cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR)
     return total / len(scales), gated.tiles, gated.skipped
+
+
+ONNX_CONFIG_KEY = "wpcrack_config"  # ONNX metadata: the resolved configuration (YAML)
+# The export traces the backbone's size arithmetic for sides that are multiples of its output stride;
+# other sizes are padded (replicate) to the next multiple and the output cropped back.
+ONNX_SIZE_MULTIPLE = 8
+
+
+class OnnxDetector(torch.nn.Module):
+    """An ONNX export of the SlimDetector run by ONNX Runtime on the CPU, behind the torch interface
+    that tiling and ``probability_map`` use (tensor in, crack probabilities out)."""
+
+    def __init__(self, session, path: Path):
+        super().__init__()
+        self.session, self.path = session, path
+        self.input_name = session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        pad_h, pad_w = -h % ONNX_SIZE_MULTIPLE, -w % ONNX_SIZE_MULTIPLE
+        x = torch.nn.functional.pad(x, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else x
+        array = x.detach().float().cpu().contiguous().numpy()
+        out = torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
+        return out[..., :h, :w].to(x.device)
+
+
+def load_onnx(path: str | Path, threads: int | None = None) -> tuple[OnnxDetector, Config]:
+    """(OnnxDetector, resolved config) of an ONNX export; the config travels in its metadata."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "ONNX model not found")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own unexported exception types
+        raise DataError(path, f"not a readable ONNX model ({str(exc).splitlines()[0][:200]})") from None
+    text = session.get_modelmeta().custom_metadata_map.get(ONNX_CONFIG_KEY)
+    if not text:
+        raise DataError(path, f"ONNX model without the {ONNX_CONFIG_KEY!r} metadata; export it with `wpcrack export --onnx`")
+    return OnnxDetector(session, path), config_from_text(text)

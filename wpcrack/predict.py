@@ -43,7 +43,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from wpcrack.detection import DEFAULT_GATE, check_gate, check_scales, device, load_model_dir, probability_map
+from wpcrack.detection import (
+    DEFAULT_GATE,
+    check_gate,
+    check_scales,
+    device,
+    load_model_dir,
+    probability_map,
+    supports_gate,
+)
 from wpcrack.errors import DataError
 from wpcrack.io import IMAGE_SUFFIXES, atomic_path, list_images, read_image, write_image, write_json
 
@@ -331,6 +339,9 @@ def predict(
     if not files:
         raise DataError(", ".join(map(str, inputs)), f"no images to predict ({', '.join(IMAGE_SUFFIXES)})")
     detector, cfg, source = load_detector(model, dataset, params)
+    if gate > 0 and not supports_gate(detector):
+        raise DataError(source, "this model has no classifier head for --gate (an ONNX export holds the "
+                        "detector only); run without --gate")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
