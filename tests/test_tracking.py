@@ -183,3 +183,28 @@ def test_default_store_is_sqlite_at_the_repo_root(tmp_path, monkeypatch):
     for cmd in (["git", "init", "-q"], ["git", "add", "params.yaml"], ["git", "commit", "-qm", "x"]):
         subprocess.run(cmd, cwd=tmp_path, check=True, env=env)
     assert len(tracking.git_commit(tmp_path)) == 40
+
+
+def test_runs_log_the_prepared_manifest_with_its_dvc_hash(store, tmp_path):
+    """The MLflow UI's Dataset column: the manifest, with the md5 that dvc.lock records for it."""
+    import dataclasses
+    import hashlib
+
+    from wpcrack.config import Config, PathsConfig, PrepareConfig, SyntheticPrepare
+    from wpcrack.data.prepare import prepare
+
+    syn = SyntheticPrepare(size=32, train_crack=2, train_nocrack=2, val_crack=1, val_nocrack=1, test=1, seed=1)
+    manifest = prepare(Config(paths=PathsConfig(data=str(tmp_path)), prepare=PrepareConfig(synthetic=syn)), "synthetic")
+    cfg = load_config(PARAMS, dataset="synthetic", overrides=TINY)
+    cfg = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, data=str(tmp_path)))
+    runs = {}
+    for stage in ("train@synthetic", "evaluate@synthetic", "compare@synthetic"):
+        with tracking.start_run(cfg, stage=stage) as tracker:
+            runs[stage] = tracking.client().get_run(tracker.run_id)
+    runs = {stage: tracking.client().get_run(r.info.run_id) for stage, r in runs.items()}
+    md5 = hashlib.md5(manifest.read_bytes()).hexdigest()
+    for stage, context in (("train@synthetic", "training"), ("evaluate@synthetic", "evaluation")):
+        (logged_input,) = runs[stage].inputs.dataset_inputs
+        assert logged_input.dataset.name == "synthetic-prepared" and logged_input.dataset.digest == md5
+        assert {t.key: t.value for t in logged_input.tags}["mlflow.data.context"] == context
+    assert not runs["compare@synthetic"].inputs.dataset_inputs  # tables read metrics, not data

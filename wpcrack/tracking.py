@@ -233,7 +233,35 @@ def start_run(cfg: Config, stage: str, tags: Mapping[str, str] | None = None) ->
     nested = mlflow.active_run() is not None
     with mlflow.start_run(experiment_id=experiment_id(cfg.tracking.experiment), run_name=stage,
                           tags=all_tags, nested=nested) as run:
+        context = DATASET_CONTEXTS.get(stage.split("@")[0])
+        if context:
+            log_prepared_dataset(cfg, context)
         yield Tracker(cfg, stage, run.info.run_id, all_tags)
+
+
+DATASET_CONTEXTS = {"train": "training", "evaluate": "evaluation"}  # stage -> MLflow input context
+
+
+def log_prepared_dataset(cfg: Config, context: str) -> str | None:
+    """Log the prepared manifest as the active run's input dataset (the UI's Dataset column), named
+    ``<dataset>-prepared`` with the manifest's md5 (its DVC hash in dvc.lock) as digest, so two runs
+    on the same data version show the same digest. Returns the digest (None without a manifest)."""
+    import hashlib
+    import warnings
+
+    import pandas as pd
+
+    manifest = Path(cfg.paths.data) / "prepared" / cfg.dataset / "manifest.csv"
+    if not manifest.is_file():
+        return None
+    digest = hashlib.md5(manifest.read_bytes()).hexdigest()
+    mlflow = mlflow_module()
+    with warnings.catch_warnings():  # the schema's note on integer columns concerns model inputs, not this
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(pd.read_csv(manifest), source=str(manifest.resolve()),
+                                          name=f"{cfg.dataset}-prepared", digest=digest)
+    mlflow.log_input(dataset, context=context, tags={"dvc_md5": digest})
+    return digest
 
 
 # --- model registry: champion --------------------------------------------------------------------

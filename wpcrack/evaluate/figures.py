@@ -71,3 +71,43 @@ def write_figure(path: Path, rows: Sequence[FigureRow], title: str = "") -> Path
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+HISTORY_PANELS = (
+    ("model selection (val)", ("val_score", "val_agreement_iou", "val_cls_accuracy", "val_det_accuracy")),
+    ("IoU against masks (monitoring only)", ("pseudo_label_iou", "val_diag_pseudo_iou", "val_diag_det_iou")),
+    ("losses", ("rec_total", "cls_total", "det_total")),
+)
+
+
+def write_curves(path: Path, pr_points: Sequence[dict], history: Path | None = None, title: str = "") -> Path:
+    """The PR curve and, when the training's ``history.csv`` is given, its per-epoch curves, as one
+    PNG: ``dvc plots show`` draws the CSVs with vega from a CDN, which shows nothing offline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    frame = pd.read_csv(history) if history is not None and Path(history).is_file() else None
+    panels = 1 + (len(HISTORY_PANELS) if frame is not None else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.8), squeeze=False)
+    ax = axes[0][0]
+    ax.plot([p["recall"] for p in pr_points], [p["precision"] for p in pr_points], color="tab:red")
+    ax.set(xlabel="recall (%)", ylabel="precision (%)", title="detector, test", xlim=(0, 100), ylim=(0, 100))
+    ax.grid(alpha=0.3)
+    if frame is not None:
+        for ax, (name, columns) in zip(axes[0][1:], HISTORY_PANELS, strict=True):
+            for column in columns:
+                if column in frame and frame[column].notna().any():
+                    ax.plot(frame["epoch"], frame[column], marker="o", markersize=3, label=column)
+            ax.set(xlabel="epoch", title=name)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return Path(path)

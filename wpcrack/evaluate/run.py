@@ -25,7 +25,7 @@ import torch
 
 from wpcrack.config import Config
 from wpcrack.errors import DataError
-from wpcrack.evaluate.figures import FigureRow, pick_rows, write_figure
+from wpcrack.evaluate.figures import FigureRow, pick_rows, write_curves, write_figure
 from wpcrack.evaluate.inference import at_model_scale, eval_views, inference_size, load_trained, predict_image, score_size
 from wpcrack.evaluate.metrics import ConfusionAccumulator, align, format_table
 from wpcrack.io import atomic_dir, atomic_path, read_image, read_mask, write_image, write_json
@@ -116,6 +116,8 @@ def evaluate(cfg: Config, model_dir: Path, out_dir: Path) -> dict:
     metrics["gate"] = {"threshold": GATE, "tiles": gated.tiles, "skipped": gated.skipped}
     write_json(out_dir / "metrics.json", metrics)
     _write_pr_curve(out_dir / "pr_curve.csv", accs["detector"])
+    write_curves(out_dir / "curves.png", [{k: 100.0 * p[k] for k in ("recall", "precision")} for p in accs["detector"].pr_curve()],
+                 model_dir / "history.csv", title=f"{cfg.dataset} / {cfg.variant} ({cfg.profile})")
     write_figure(out_dir / "figure.png", figure_rows, title=f"{cfg.dataset} / {cfg.variant} ({cfg.profile})")
     print(f"evaluate {run_key(cfg)}: {len(rows)} test images in {seconds:.1f} s; percent, counts summed over the set")
     print(format_table({m: metrics[m] for m in MODES}))
@@ -149,5 +151,5 @@ def _track(cfg: Config, model_dir: Path, out_dir: Path, metrics: dict, seconds_p
     with start_run(cfg, stage=f"evaluate@{run_key(cfg)}") as tracker:
         tracker.log_params({"evaluate": dataclasses.asdict(cfg.evaluate), "model_dir": str(model_dir)})
         tracker.log_metrics(flat)
-        for name in ("metrics.json", "pr_curve.csv", "figure.png"):
+        for name in ("metrics.json", "pr_curve.csv", "curves.png", "figure.png"):
             tracker.log_artifact(out_dir / name, artifact_path="evaluation")
