@@ -25,7 +25,7 @@ from wpcrack.config import Config, DarknessConfig
 from wpcrack.darkness import dark_pixels, remove_small
 from wpcrack.errors import DataError
 from wpcrack.evaluate.inference import at_model_scale, score_size
-from wpcrack.evaluate.metrics import ConfusionAccumulator, align, format_table
+from wpcrack.evaluate.metrics import ConfusionAccumulator, align, format_table, summary_row
 from wpcrack.io import atomic_dir, read_image, read_mask, write_image, write_json
 from wpcrack.pseudo_labels import confusion, iou_of
 
@@ -109,6 +109,7 @@ def run(cfg: Config, out_dir: Path) -> dict:
     }
     write_json(out_dir / "metrics.json", metrics)
     write_json(out_dir / "chosen.json", {"chosen": metrics["chosen"], "grid": table})
+    write_json(out_dir / "summary.json", summary_row(metrics[MODE]))
     print(f"classical {cfg.dataset}: block {chosen.block}, offset {chosen.offset:g}, min area {chosen.min_area} "
           f"(IoU {100 * val_iou:.2f} on {len(val)} {'+'.join(splits)} images); {len(rows)} test images in "
           f"{time.perf_counter() - start:.1f} s")

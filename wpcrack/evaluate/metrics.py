@@ -254,3 +254,15 @@ def format_table(rows: dict[str, dict], keys: tuple[str, ...] | None = None, lab
     for name, summary in rows.items():
         lines.append(f"| {name} | " + " | ".join(f"{summary[k]:.3f}" for k in keys) + " |")
     return "\n".join(lines)
+
+
+SUMMARY_KEYS = ("precision", "recall", "f1", "iou")
+
+
+def summary_row(scores: dict, train_seconds: float | None = None) -> dict:
+    """The few figures compared between runs (``dvc metrics show``/``diff``; one file per run):
+    test precision, recall, F1 and IoU in percent, rounded to 0.01, and training minutes."""
+    row = {k: round(float(scores[k]), 2) for k in SUMMARY_KEYS}
+    if train_seconds:
+        row["train_min"] = round(train_seconds / 60.0, 1)
+    return row

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from wpcrack.config import Config
 from wpcrack.errors import DataError
 from wpcrack.evaluate.figures import FigureRow, pick_rows, write_curves, write_figure
 from wpcrack.evaluate.inference import at_model_scale, eval_views, inference_size, load_trained, predict_image, score_size
-from wpcrack.evaluate.metrics import ConfusionAccumulator, align, format_table
+from wpcrack.evaluate.metrics import ConfusionAccumulator, align, format_table, summary_row
 from wpcrack.io import atomic_dir, atomic_path, read_image, read_mask, write_image, write_json
 
 MODES = ("detector", "detector_ungated", "detector_gated", "cam", "cam_crf")
@@ -115,6 +116,9 @@ def evaluate(cfg: Config, model_dir: Path, out_dir: Path) -> dict:
     metrics["protocol"] = protocol(cfg)
     metrics["gate"] = {"threshold": GATE, "tiles": gated.tiles, "skipped": gated.skipped}
     write_json(out_dir / "metrics.json", metrics)
+    train = model_dir / "train_metrics.json"
+    train_seconds = json.loads(train.read_text()).get("train_seconds") if train.is_file() else None
+    write_json(out_dir / "summary.json", summary_row(metrics["detector"], train_seconds))
     _write_pr_curve(out_dir / "pr_curve.csv", accs["detector"])
     write_curves(out_dir / "curves.png", [{k: 100.0 * p[k] for k in ("recall", "precision")} for p in accs["detector"].pr_curve()],
                  model_dir / "history.csv", title=f"{cfg.dataset} / {cfg.variant} ({cfg.profile})")
