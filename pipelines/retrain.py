@@ -20,6 +20,11 @@ A *batch* is a folder with ``crack/`` and ``no_crack/`` sub-folders, or a CSV wi
    the test split did not change, then ``train@<key>`` and ``evaluate@<key>``.
 5. The new model version becomes ``champion`` only if its test IoU is not worse than the
    champion's; the decision, both scores and the validation report go to an MLflow run.
+6. The champion's files (prepared data, model and results folders, ``dvc.lock``) are copied aside
+   before step 4 and put back byte for byte when the challenger is not promoted or a stage fails,
+   so ``predict --model models/...``, ``benchmark`` and ``report`` keep using the served model. The
+   ingested images and their data version stay: ``dvc status`` then shows ``prepare@<dataset>``
+   stale, i.e. new data that no served model has seen yet.
 """
 
 from __future__ import annotations
@@ -369,6 +374,52 @@ def fingerprint_test_split(root: Path, dataset: str) -> str | None:
     return digest.hexdigest()
 
 
+# --- the champion's files while a challenger trains ------------------------------------------------
+
+
+def champion_paths(root: Path, dataset: str, variant: str) -> list[Path]:
+    """What a challenger's ``dvc repro`` rewrites and the served model is made of: the prepared
+    data, the model and results folders of the run, and ``dvc.lock`` that records their hashes."""
+    return [root / "dvc.lock", root / "data" / "prepared" / dataset,
+            root / "models" / dataset / variant, root / "results" / dataset / variant]
+
+
+class Snapshot:
+    """A byte-exact copy of ``paths`` (files or folders; missing ones are remembered as missing),
+    kept beside the repository until the challenger is decided on. ``restore`` puts every path
+    back as it was (and removes what did not exist); ``discard`` drops the copy."""
+
+    def __init__(self, root: Path, paths: list[Path]):
+        self.root, self.paths = root, paths
+        self.folder = root / ".wpcrack" / "champion" / dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        self.folder.mkdir(parents=True)
+        for path in paths:
+            copy = self._copy_of(path)
+            if path.is_dir():
+                shutil.copytree(path, copy, symlinks=True)
+            elif path.exists():
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, copy)
+
+    def _copy_of(self, path: Path) -> Path:
+        return self.folder / path.relative_to(self.root)
+
+    def restore(self) -> None:
+        for path in self.paths:
+            copy = self._copy_of(path)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+            if copy.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(copy, path)
+        self.discard()
+
+    def discard(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 # --- the flow ------------------------------------------------------------------------------------
 
 
@@ -408,21 +459,33 @@ def retrain(
                                     f"reasons in {folder / 'report.csv'})")
             result["data_version"] = ingest(report, str(root_path), dataset, str(batch_path), len(moved))
         before = fingerprint_test_split(root_path, dataset)
-        dvc_repro([f"prepare@{dataset}"], cwd=str(root_path))
-        after = fingerprint_test_split(root_path, dataset)
-        if before is not None and after != before:
-            raise DataError(root_path / "data" / "prepared" / dataset / "manifest.csv",
-                            "the test split changed while preparing: scores would not be comparable, nothing promoted")
-        since_ms = int(time.time() * 1000)
-        dvc_repro([f"train@{key}"], cwd=str(root_path), gpu=True)
-        dvc_repro([f"evaluate@{key}"], cwd=str(root_path), gpu=True)
-        data_version = result.get("data_version") or {}
-        decision = promote_challenger(
-            str(root_path), dataset, variant, since_ms=since_ms, stage=f"retrain@{dataset}", promote=promote,
-            tags={"batch": batch or "", "data_version": data_version.get("version", ""),
-                  "data_md5": data_version.get("md5", "")},
-            report=report,
-        )
+        snapshot = Snapshot(root_path, champion_paths(root_path, dataset, variant))
+        try:
+            dvc_repro([f"prepare@{dataset}"], cwd=str(root_path))
+            after = fingerprint_test_split(root_path, dataset)
+            if before is not None and after != before:
+                raise DataError(root_path / "data" / "prepared" / dataset / "manifest.csv",
+                                "the test split changed while preparing: scores would not be comparable, "
+                                "nothing promoted")
+            since_ms = int(time.time() * 1000)
+            dvc_repro([f"train@{key}"], cwd=str(root_path), gpu=True)
+            dvc_repro([f"evaluate@{key}"], cwd=str(root_path), gpu=True)
+            data_version = result.get("data_version") or {}
+            decision = promote_challenger(
+                str(root_path), dataset, variant, since_ms=since_ms, stage=f"retrain@{dataset}", promote=promote,
+                tags={"batch": batch or "", "data_version": data_version.get("version", ""),
+                      "data_md5": data_version.get("md5", "")},
+                report=report,
+            )
+        except BaseException:
+            snapshot.restore()  # a failed challenger leaves the champion's files as they were
+            raise
+        if decision["decision"] in ("promoted", "already_champion", "no_new_model"):
+            snapshot.discard()
+        else:
+            snapshot.restore()
+            print(f"restored the champion's files ({', '.join(str(p.relative_to(root_path)) for p in snapshot.paths)}); "
+                  f"`dvc status` shows prepare@{dataset} stale until a retraining is promoted")
     return {**result, **decision}
 
 

@@ -103,6 +103,16 @@ def _contents(*folders: Path) -> list[str]:
                   if p.is_file() and not p.name.endswith((".reason.txt", ".csv")))
 
 
+def _tree(root: Path, *names: str) -> dict[str, str]:
+    """Relative path -> SHA-256 of every file under (or at) ``names``."""
+    out = {}
+    for name in names:
+        path = root / name
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        out.update({str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files})
+    return out
+
+
 def _model(root: Path) -> str:
     return f"{yaml.safe_load((root / 'params.yaml').read_text())['tracking']['model_name_prefix']}-{DATASET}"
 
@@ -136,7 +146,10 @@ class FakeStages:
             mlflow_client = client()
             if not mlflow_client.search_registered_models(f"name = '{self.name}'"):
                 mlflow_client.create_registered_model(self.name)
-            mlflow_client.create_model_version(self.name, str(self.root), tags={"dataset": DATASET, "variant": "full"})
+            version = mlflow_client.create_model_version(self.name, str(self.root),
+                                                         tags={"dataset": DATASET, "variant": "full"})
+            (_mkdir(self.root / "models" / DATASET / "full") / "best.pt").write_text(f"weights v{version.version}")
+            (self.root / "dvc.lock").write_text(f"lock of v{version.version}\n")
         elif stage == "evaluate":
             out = _mkdir(self.root / "results" / DATASET / "full")
             (out / "metrics.json").write_text(json.dumps({"detector": {"iou": self.ious.pop(0)}}))
@@ -203,8 +216,13 @@ def test_worse_challenger_is_not_promoted_and_old_data_versions_restore(project,
     first = retrain.retrain(str(_good_batch(tmp_path / "b1", seed=2)), dataset=DATASET, root=str(project))
     champion = _champion(project)
     assert first["decision"] == "promoted"
+    served = _tree(project, "models", "results", "dvc.lock", "data/prepared")
     second = retrain.retrain(str(_good_batch(tmp_path / "b2", seed=3)), dataset=DATASET, root=str(project))
     assert second["decision"] == "kept_champion" and not second["promoted"]
+    # the rejected challenger's weights, metrics and lock are gone: the champion's files, byte for byte
+    assert _tree(project, "models", "results", "dvc.lock", "data/prepared") == served
+    assert "weights v1" in (project / "models" / DATASET / "full" / "best.pt").read_text()
+    assert not list((project / ".wpcrack" / "champion").iterdir())
     assert (second["champion_iou"], second["challenger_iou"]) == (60.0, 55.0)
     assert _champion(project) == champion
     run = _decision_runs().iloc[0]
