@@ -260,7 +260,7 @@ def log_prepared_dataset(cfg: Config, context: str) -> str | None:
         warnings.simplefilter("ignore", UserWarning)
         dataset = mlflow.data.from_pandas(pd.read_csv(manifest), source=str(manifest.resolve()),
                                           name=f"{cfg.dataset}-prepared", digest=digest)
-    mlflow.log_input(dataset, context=context, tags={"dvc_md5": digest})
+        mlflow.log_input(dataset, context=context, tags={"dvc_md5": digest})
     return digest
 
 
