@@ -164,8 +164,19 @@ def environment() -> dict:
         "torchvision": torchvision.__version__,
         "python": platform.python_version(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        # other work on the machine slows every row: a 1-minute load above the cores means shared CPUs
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
     return env
+
+
+def _load_note(env: dict) -> str:
+    """A warning when the machine was busy at the start of the measurement (its times are too slow)."""
+    load, cores = env.get("load_average_1min"), env.get("cpu_cores_available") or 1
+    if load is None or load < 0.5 * cores:
+        return ""
+    return (f" **The machine was busy** (1-minute load {load:.1f} on {cores} cores when the measurement began): "
+            "the times below are slower than on an idle machine; rerun `dvc repro -f -s benchmark@<dataset>` alone.")
 
 
 def device_modes() -> list[tuple[str, str]]:
@@ -279,7 +290,8 @@ def to_markdown(result: dict) -> str:
         f"({p['all_m']:.3f} M with the training-only parts).",
         "",
         f"CPU: {env['cpu']}, {env['cpu_cores_available']} cores, {env['torch_threads']} torch threads; "
-        f"GPU: {env['gpu'] or 'none'}; torch {env['torch']}, torchvision {env['torchvision']}.",
+        f"GPU: {env['gpu'] or 'none'}; torch {env['torch']}, torchvision {env['torchvision']}."
+        + _load_note(env),
         "",
         "| device | mode | batch | ms/batch (median) | ms/image | images/s | peak memory (MB) |",
         "|---|---|---|---|---|---|---|",
