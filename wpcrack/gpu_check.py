@@ -456,7 +456,8 @@ class Check:
             error = exc
         bench = self.report["benchmark"]
         runs: dict[str, dict] = {}
-        for path in sorted(out.glob("b*/*.json"), key=lambda p: int(p.parent.name[1:])):
+        dataset = self.report["data"]["dataset"]
+        for path in sorted(out.glob(f"b*/{dataset}.json"), key=lambda p: int(p.parent.name[1:])):
             result = _read_json(path) or {}
             for key in ("size", "parameters", "slim_max_abs_diff", "environment", "backbone", "profile"):
                 bench.setdefault(key, result.get(key))
