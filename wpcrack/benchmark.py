@@ -164,19 +164,37 @@ def environment() -> dict:
         "torchvision": torchvision.__version__,
         "python": platform.python_version(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        # other work on the machine slows every row: a 1-minute load above the cores means shared CPUs
-        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        # other work on the machine slows every row: the CPUs' busy share while this process waits
+        "cpu_busy_share_before": _busy_share(),
     }
     return env
 
 
+def _busy_share(seconds: float = 1.0) -> float | None:
+    """Share of all CPUs' time spent busy during ``seconds`` in which this process only sleeps
+    (``/proc/stat``; None elsewhere): other work that will slow the measurement."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as fh:
+            values = [int(v) for v in fh.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # total, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
 def _load_note(env: dict) -> str:
-    """A warning when the machine was busy at the start of the measurement (its times are too slow)."""
-    load, cores = env.get("load_average_1min"), env.get("cpu_cores_available") or 1
-    if load is None or load < 0.5 * cores:
+    """A warning when the machine was busy as the measurement began (its times are too slow)."""
+    busy = env.get("cpu_busy_share_before")
+    if busy is None or busy < 0.25:
         return ""
-    return (f" **The machine was busy** (1-minute load {load:.1f} on {cores} cores when the measurement began): "
-            "the times below are slower than on an idle machine; rerun `dvc repro -f -s benchmark@<dataset>` alone.")
+    return (f" **The machine was busy** ({100 * busy:.0f} % of its CPU time used by other work as the "
+            "measurement began): the times below are slower than on an idle machine; rerun "
+            "`dvc repro -f -s benchmark@<dataset>` alone.")
 
 
 def device_modes() -> list[tuple[str, str]]:
