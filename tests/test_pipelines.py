@@ -1,4 +1,5 @@
-"""Prefect flows end to end on synthetic batches, with DVC stages faked at the task boundary.
+"""Prefect flows end to end on synthetic batches, with DVC stages faked at the task boundary, and
+once for real (the last test: ``dvc repro`` of the project's own stages, smoke profile).
 
 One temporary Prefect server (``prefect_test_harness``) serves the whole module; MLflow writes to a
 temporary sqlite store. Real DVC versions the incoming data; ``dvc repro`` is replaced by fakes
@@ -430,3 +431,68 @@ def test_prefect_yaml_entrypoints_are_the_flows(prefect_server):
     config = PrefectYamlModel.model_validate(yaml.safe_load((REPO / "prefect.yaml").read_text()))
     names = {d.name: load_flow_from_entrypoint(str(REPO / d.entrypoint)).name for d in config.deployments}
     assert names == {"retrain-deepcrack": "wpcrack-retrain", "reproduce-all": "wpcrack-reproduce"}
+
+
+# --- the retrain flow for real --------------------------------------------------------------------
+
+SERVED = ("models/synthetic/full", "results/synthetic/full", "dvc.lock", "data/prepared/synthetic")
+
+
+@pytest.fixture
+def real_project(tmp_path, prefect_server) -> Path:
+    """A git + DVC copy of the project (its stages, params and code) with its own model prefix."""
+    root = tmp_path / "project"
+    shutil.copytree(REPO / "wpcrack", root / "wpcrack", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "data_versions", root / "data_versions")
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["tracking"]["model_name_prefix"] = "flowtest"
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / ".gitignore").write_text("/data/\n/models/\n/results/\n/reports/\n/.wpcrack/\n")
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "p"]):
+        subprocess.run(cmd, cwd=root, check=True, env=_git_env(), capture_output=True)
+    return root
+
+
+def _synthetic_batch(folder: Path, seed: int, corrupt: bool = False) -> Path:
+    from wpcrack.data.synthetic import make_image
+
+    for i in range(3):
+        for label, crack in (("crack", True), ("no_crack", False)):
+            rgb, _ = make_image(500 + seed, "train", i, 96, crack)
+            _write(folder / label / f"{label}{seed}_{i}.png", _encode(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)))
+    if corrupt:
+        _write(folder / "crack" / "torn.png", b"\x89PNG\r\n\x1a\n" + bytes(40))
+    return folder
+
+
+def test_promoted_then_rejected_challenger_with_real_dvc_mlflow_and_prefect(real_project, prefect_server, tmp_path):
+    """A good batch with a corrupt file is promoted; a batch whose training is made useless (one step
+    at a negligible learning rate) is rejected and leaves the champion's files byte for byte."""
+    root, retrain = real_project, prefect_server["retrain"]
+    quarantine = tmp_path / "quarantine"
+    first = retrain.retrain(str(_synthetic_batch(tmp_path / "b1", seed=1, corrupt=True)), dataset=DATASET,
+                            root=str(root), quarantine_dir=str(quarantine), min_side=32)
+    assert first["decision"] == "promoted" and first["good"] == 6 and first["quarantined"] == 1
+    assert _champion(root) == first["challenger_version"]
+    assert (quarantine / "crack" / "torn.png").is_file() and not (tmp_path / "b1" / "crack" / "torn.png").exists()
+    reason = (quarantine / "crack" / "torn.png.reason.txt").read_text()
+    assert reason.startswith(str(tmp_path / "b1" / "crack" / "torn.png")), reason
+    assert pd.read_csv(quarantine / "report.csv")["ok"].sum() == 6
+    served = _tree(root, *SERVED)
+    assert "models/synthetic/full/best.pt" in served and "results/synthetic/full/metrics.json" in served
+
+    # the challenger cannot learn (one step at a negligible rate): its IoU is about the untrained model's
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["profiles"]["smoke"]["train"].update(epochs=1, max_steps_per_epoch=1, detector_warmup_epochs=0,
+                                                lr=1e-12, lr_detector=1e-12)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    second = retrain.retrain(str(_synthetic_batch(tmp_path / "b2", seed=2)), dataset=DATASET, root=str(root),
+                             min_side=32)
+    assert second["decision"] == "kept_champion", second
+    assert second["challenger_iou"] < second["champion_iou"]
+    assert _champion(root) == first["challenger_version"]
+    assert _tree(root, *SERVED) == served  # weights, metrics, predictions, prepared data and dvc.lock as they were
+    manifest = pd.read_csv(root / "data" / "incoming" / DATASET / "manifest.csv")
+    assert len(manifest) == 12  # the second batch stays ingested (data version 2), for a later retraining
+    assert list(pd.read_csv(root / "data_versions" / f"{DATASET}.csv")["version"]) == [1, 2]
