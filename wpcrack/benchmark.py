@@ -222,6 +222,29 @@ def _slim_agreement(model: torch.nn.Module, slim: torch.nn.Module, size: int) ->
         return float((_infer(model)(x) - _infer(slim)(x)).abs().max())
 
 
+def _measure_all(slim: torch.nn.Module, cfg: Config, modes: Sequence[tuple[str, str]] | None, runs: dict,
+                 scratch: Path) -> tuple[torch.nn.Module | None, float | None]:
+    """Measure every (device, mode) and batch size into ``runs``; the ONNX rows export ``slim`` into
+    ``scratch`` once. Returns (the ONNX Runtime model or None, its largest difference from torch)."""
+    bc = cfg.benchmark
+    onnx, onnx_diff = None, None
+    for device, mode in (device_modes() if modes is None else modes):
+        for batch in bc.batch_sizes:
+            key = f"{device}_{mode}_b{batch}"
+            try:
+                if mode == ONNX_MODE and onnx is None:
+                    onnx = _onnx_copy(slim, cfg, scratch)
+                    onnx_diff = _slim_agreement(slim, onnx, bc.size)
+                subject = onnx if mode == ONNX_MODE else slim
+                runs[key] = measure(subject, device, mode, batch, bc.size, bc.warmup, bc.iterations)
+            except Exception as exc:  # compile or bf16 may be unsupported; record, measure the rest
+                if device == "cpu" and mode == "fp32":
+                    raise
+                error = f"{exc.__class__.__name__}: {exc}"[:300]
+                runs[key] = {"device": device, "mode": mode, "batch_size": batch, "error": error}
+    return onnx, onnx_diff
+
+
 def benchmark(cfg: Config, model_dir: Path, out_dir: Path, model: torch.nn.Module | None = None,
               modes: Sequence[tuple[str, str]] | None = None) -> dict:
     """Measure the trained model of ``model_dir`` (or ``model``); write ``<dataset>.json`` and ``.md``.
@@ -237,24 +260,9 @@ def benchmark(cfg: Config, model_dir: Path, out_dir: Path, model: torch.nn.Modul
     gating = cfg.dataset == "cfd"  # CFD inference also runs the whole classifier (patch gating)
     slim = model.slim(gating=gating).cpu().eval() if hasattr(model, "slim") else model
     bc = cfg.benchmark
-    runs, onnx, onnx_diff = {}, None, None
-    scratch = tempfile.TemporaryDirectory(prefix="wpcrack-onnx-")
-    for device, mode in (device_modes() if modes is None else modes):
-        for batch in bc.batch_sizes:
-            key = f"{device}_{mode}_b{batch}"
-            try:
-                if mode == ONNX_MODE and onnx is None:
-                    onnx = _onnx_copy(slim, cfg, Path(scratch.name))
-                    onnx_diff = _slim_agreement(slim, onnx, bc.size)
-                subject = onnx if mode == ONNX_MODE else slim
-                runs[key] = measure(subject, device, mode, batch, bc.size, bc.warmup, bc.iterations)
-            except Exception as exc:  # compile or bf16 may be unsupported; record, measure the rest
-                if device == "cpu" and mode == "fp32":
-                    raise
-                error = f"{exc.__class__.__name__}: {exc}"[:300]
-                runs[key] = {"device": device, "mode": mode, "batch_size": batch, "error": error}
-
-    scratch.cleanup()
+    runs: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="wpcrack-onnx-") as scratch:
+        _, onnx_diff = _measure_all(slim, cfg, modes, runs, Path(scratch))
     cpu_b1 = runs.get("cpu_fp32_b1", {}).get("ms_per_image")
     onnx_b1 = runs.get(f"cpu_{ONNX_MODE}_b1", {}).get("ms_per_image")
     applicable = cfg.profile == "cpu" and bc.size == CPU_GOAL_SIZE and cpu_b1 is not None

@@ -64,13 +64,7 @@ def write_figure(path: Path, rows: Sequence[FigureRow], title: str = "") -> Path
                 ax.set_ylabel(row.name, fontsize=8)
     if not rows:
         axes[0][0].text(0.5, 0.5, "no test images", ha="center")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path, title)
 
 
 HISTORY_PANELS = (
@@ -104,6 +98,13 @@ def write_curves(path: Path, pr_points: Sequence[dict], history: Path | None = N
             ax.set(xlabel="epoch", title=name)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
+    return _save(fig, path, title)
+
+
+def _save(fig, path: Path, title: str = "") -> Path:
+    """Title, tight layout, atomic PNG write; the figure is closed."""
+    import matplotlib.pyplot as plt
+
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
