@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 # The end-to-end demo: synthetic data through prepare, train, evaluate, compare and benchmark.
 demo: setup
 	dvc repro compare@synthetic benchmark@synthetic
-	$(BIN)/python -m wpcrack.demo_summary
+	$(BIN)/python -m wpcrack.evaluate.demo_summary
 
 # The tests CI runs (slow and GPU tests are excluded by pyproject's addopts).
 test: setup
@@ -50,7 +50,7 @@ ARGS ?=
 GPU_PYTHON ?= $(if $(wildcard $(VENV)/.installed),$(abspath $(BIN)/python),python3)
 
 gpu-check:
-	$(GPU_PYTHON) -m wpcrack.gpu_check --out $(OUT) $(ARGS)
+	$(GPU_PYTHON) -m wpcrack.diagnostics.gpu_check --out $(OUT) $(ARGS)
 
 # Wheels (CPython $(GPU_PY), x86-64, versions from constraints.txt) of what a GPU image with torch,
 # numpy, pandas, opencv, scipy and pytest lacks; pydensecrf2 is built here with a Python $(GPU_PY) when

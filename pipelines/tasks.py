@@ -153,7 +153,7 @@ def promote_challenger(
     """Compare the newest registered version (registered after ``since_ms``, if given) with the
     champion on test IoU (``results/<dataset>/<variant>/metrics.json``); move ``champion`` only if
     it is not worse; record the decision, both scores and ``report`` in an MLflow run."""
-    from wpcrack import tracking
+    from wpcrack.tracking import runs as tracking
     from wpcrack.config import load_config
 
     cfg = load_config(Path(root) / "params.yaml", dataset=dataset, variant=variant)

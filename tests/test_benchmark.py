@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from wpcrack.benchmark import PeakRSS, benchmark
+from wpcrack.diagnostics.benchmark import PeakRSS, benchmark
 from wpcrack.config import load_config
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -70,7 +70,7 @@ def test_peak_rss_sees_an_allocation():
 
 def test_gpu_modes_code_path_runs_on_cpu():
     """bf16 autocast + channels_last, as measured on a GPU, exercised on the CPU."""
-    from wpcrack.benchmark import measure
+    from wpcrack.diagnostics.benchmark import measure
 
     run = measure(TinyNet().slim(), "cpu", "bf16_channels_last", batch=2, size=16, warmup=0, iterations=1)
     assert run["mode"] == "bf16_channels_last" and run["ms_per_image"] > 0

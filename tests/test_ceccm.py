@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from wpcrack.ceccm import centre_enhance, centre_gaussian, centre_of_mass, ceccm_loss
+from wpcrack.method.ceccm import centre_enhance, centre_gaussian, centre_of_mass, ceccm_loss
 
 
 def _map(height, width, *pixels):

@@ -58,6 +58,11 @@ def test_ablation_variants_match_table1_switches():
         ("ceccm.mode=other", "ceccm.mode"),
         ("nosection.x=1", "unknown key(s) nosection"),
         ("train.epochs", "expected section.key=value"),
+        ("train.lr=0", "params.yaml: train.lr: 0.0 must be > 0"),
+        ("train.epochs=0", "train.epochs: 0 must be >= 1"),
+        ("evaluate.threshold=1.5", "evaluate.threshold: 1.5 must be in (0, 1)"),
+        ("pseudo_labels.cam_scales=[1.0,0]", "pseudo_labels.cam_scales: (1.0, 0.0) must be > 0"),
+        ("pseudo_labels.darkness.block=1", "pseudo_labels.darkness.block: 1 must be >= 3"),
     ],
 )
 def test_bad_values_are_named(override, message):

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from wpcrack import crf_tuning
+from wpcrack.diagnostics import crf_tuning
 from wpcrack.cli import main
 from wpcrack.config import load_config
 from wpcrack.data.prepare import prepare

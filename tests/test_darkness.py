@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from wpcrack.config import DarknessConfig, PseudoLabelConfig
-from wpcrack.darkness import dark_pixels, remove_small
-from wpcrack.pseudo_labels import IGNORE, confusion, make_label, with_ignore_band
+from wpcrack.method.darkness import dark_pixels, remove_small
+from wpcrack.method.pseudo_labels import IGNORE, confusion, make_label, with_ignore_band
 
 
 def _road(size: int = 96, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

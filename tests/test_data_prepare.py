@@ -14,7 +14,8 @@ from wpcrack.cli import main
 from wpcrack.config import (CFDPrepare, Config, Crack500Prepare, DeepCrackPrepare, PathsConfig, PrepareConfig,
                             SyntheticPrepare, load_config)
 from wpcrack.data.manifest import load_manifest
-from wpcrack.data.prepare import grid_cells, prepare, split_sources
+from wpcrack.data.prepare import prepare, split_sources
+from wpcrack.geometry import grid_cells
 from wpcrack.errors import ConfigError, DataError
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"

@@ -14,12 +14,13 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+LEARNED_IOU = 20.0  # between an untrained detector (<= 4.2) and the trained smoke model (46)
 
 
 def _shrink(params: dict) -> dict:
-    params["prepare"]["synthetic"].update(size=64, train_crack=8, train_nocrack=8, val_crack=2, val_nocrack=2, test=3)
+    """The demo's training (smoke profile, default synthetic images), fewer val and test images."""
+    params["prepare"]["synthetic"].update(val_crack=8, val_nocrack=8, test=16)
     smoke = params["profiles"]["smoke"]
-    smoke["train"].update(epochs=2, batch_size=4, crop_size=48, max_steps_per_epoch=2, detector_warmup_epochs=0)
     smoke["benchmark"].update(batch_sizes=[1, 2], warmup=1, iterations=1)
     smoke.setdefault("evaluate", {})["figure_images"] = 2
     return params
@@ -69,9 +70,11 @@ def test_dvc_repro_trains_evaluates_and_tracks(project):
     metrics = json.loads((project / "results/synthetic/full/metrics.json").read_text())
     for mode in ("detector", "cam", "cam_crf"):
         assert set(metrics[mode]) >= {"precision", "recall", "accuracy", "f1", "iou"}
-        assert 0.0 <= metrics[mode]["iou"] <= 100.0
+    # The detector learned from image-level labels alone. Untrained (seeds 0-2, same evaluate): IoU 0 to
+    # 4.2 (4.2 = everything crack); the demo's trained model: 46.
+    assert metrics["detector"]["iou"] > LEARNED_IOU, metrics["detector"]
     predictions = list((project / "results/synthetic/full/predictions").glob("*.png"))
-    assert len(predictions) == 3
+    assert len(predictions) == 16
     assert (project / "results/synthetic/full/figure.png").stat().st_size > 0
     assert json.loads((project / "reports/benchmark/synthetic.json").read_text())
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from wpcrack import tracking
+from wpcrack.tracking import runs as tracking
 from wpcrack.cli import main
 from wpcrack.config import load_config
-from wpcrack.experiments import experiment_rows
+from wpcrack.tracking.experiments import experiment_rows
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 

@@ -13,7 +13,7 @@ import torch
 from wpcrack.cli import main
 from wpcrack.config import Config, PathsConfig, PrepareConfig, SyntheticPrepare, dump_config, load_config
 from wpcrack.data.prepare import prepare
-from wpcrack.detection import load_model_dir, load_onnx
+from wpcrack.deploy.detection import load_model_dir, load_onnx
 from wpcrack.errors import DataError
 from wpcrack.io import write_image
 from wpcrack.models.wpcracknet import build_model

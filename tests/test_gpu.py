@@ -1,7 +1,7 @@
 """Every CUDA path of the project, on a GPU (marker ``gpu``).
 
 Deselected by the default run (pyproject's addopts); ``pytest -m gpu`` selects them, and without a
-CUDA device each one skips. ``make gpu-check`` (``wpcrack.gpu_check``) runs them first on a GPU
+CUDA device each one skips. ``make gpu-check`` (``wpcrack.diagnostics.gpu_check``) runs them first on a GPU
 machine. They use the public entry points only (``build_model``, the phases, ``train``, ``slim()``,
 ``benchmark``, ``load_trained``), at small sizes: a few seconds each, except the ``torch.compile``
 ones (a compile each).
@@ -145,7 +145,7 @@ def test_each_training_phase_on_the_gpu(backbone):
 
 def test_train_step_with_pseudo_labels_from_the_crf_pool():
     from wpcrack.models.wpcracknet import build_model
-    from wpcrack.pseudo_labels import CRFPool
+    from wpcrack.method.pseudo_labels import CRFPool
     from wpcrack.train.optim import build_optimizers
     from wpcrack.train.phases import Runtime, train_step
 
@@ -180,7 +180,7 @@ def test_slim_detector_under_torch_compile():
 def test_benchmark_stage_gpu_rows(tmp_path):
     import json
 
-    from wpcrack.benchmark import benchmark, device_modes
+    from wpcrack.diagnostics.benchmark import benchmark, device_modes
     from wpcrack.models.wpcracknet import build_model
 
     cfg = _cfg(*TINY_MODEL, "benchmark.size=64", "benchmark.batch_sizes=[2]", "benchmark.warmup=1",

@@ -1,4 +1,4 @@
-"""The GPU check (``wpcrack.gpu_check``, ``make gpu-check``): its CPU dry run, its budget, its report.
+"""The GPU check (``wpcrack.diagnostics.gpu_check``, ``make gpu-check``): its CPU dry run, its budget, its report.
 
 The dry run goes through every phase the GPU run has (environment, the gpu tests, which must skip
 here, data, a paper-profile training, benchmark, evaluation, the second benchmark process) at tiny
@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from wpcrack import gpu_check
+from wpcrack.diagnostics import gpu_check
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ["env", "gpu_tests", "data", "train", "benchmark", "evaluate", "benchmark_compiled"]
@@ -22,7 +22,7 @@ PHASES = ["env", "gpu_tests", "data", "train", "benchmark", "evaluate", "benchma
 
 def _run(tmp_path: Path, *args: str, env: dict | None = None, timeout: float = 300) -> tuple[int, dict, str]:
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "wpcrack.gpu_check", "--out", str(out), "--work", str(tmp_path / "work"),
+    proc = subprocess.run([sys.executable, "-m", "wpcrack.diagnostics.gpu_check", "--out", str(out), "--work", str(tmp_path / "work"),
                            *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
     report = json.loads((out / gpu_check.JSON_NAME).read_text())

@@ -63,6 +63,6 @@ def test_the_cycle_finder_finds_a_loop():
 
 def test_the_package_has_no_import_cycle():
     graph = import_graph(PACKAGE)
-    assert {"wpcrack.predict", "wpcrack.serving", "wpcrack.detection"} <= set(graph)
+    assert {"wpcrack.deploy.predict", "wpcrack.deploy.serving", "wpcrack.deploy.detection"} <= set(graph)
     assert cycles(graph) == []
-    assert not graph["wpcrack.detection"] & {"wpcrack.predict", "wpcrack.serving", "wpcrack.tracking"}
+    assert not graph["wpcrack.deploy.detection"] & {"wpcrack.deploy.predict", "wpcrack.deploy.serving", "wpcrack.tracking.runs"}

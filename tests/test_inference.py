@@ -20,9 +20,9 @@ from wpcrack.evaluate.inference import (
     patch_gated,
     predict_image,
     predict_patch_gated,
-    tile_starts,
     to_batch,
 )
+from wpcrack.geometry import tile_starts
 from wpcrack.models.wpcracknet import build_model
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"

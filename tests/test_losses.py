@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wpcrack.cam import crack_cam
+from wpcrack.method.cam import crack_cam
 from wpcrack.config import CECCMConfig, Config, LossConfig, ModelConfig
-from wpcrack.losses import classifier_loss, detector_loss, one_hot, reconstructor_loss
+from wpcrack.method.losses import classifier_loss, detector_loss, one_hot, reconstructor_loss
 from wpcrack.models.wpcracknet import build_model
 
 TINY = dict(backbone="mobilenet_v2", pretrained=False, cam_channels=16, paam_channels=16,
@@ -185,8 +185,8 @@ def test_detector_step_with_detached_features_trains_only_paam_and_detector(batc
 
 
 def test_detector_loss_ignores_marked_pixels_and_adds_dice():
-    from wpcrack.losses import detector_loss
-    from wpcrack.pseudo_labels import IGNORE
+    from wpcrack.method.losses import detector_loss
+    from wpcrack.method.pseudo_labels import IGNORE
 
     logits = torch.tensor([[[[0.0, 2.0], [-1.0, 3.0]]]])
     target = torch.tensor([[[[0.0, 1.0], [float(IGNORE), 1.0]]]])

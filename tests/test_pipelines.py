@@ -128,7 +128,7 @@ class FakeStages:
         self.change_test_split = False
 
     def __call__(self, targets, cwd=".", gpu=False):
-        from wpcrack.tracking import client
+        from wpcrack.tracking.runs import client
 
         (target,) = targets
         self.calls.append((target, gpu))
@@ -172,14 +172,14 @@ def fake_stages(project, prefect_server, monkeypatch):
 
 
 def _champion(root: Path) -> int | None:
-    from wpcrack.tracking import champion_version
+    from wpcrack.tracking.runs import champion_version
 
     mv = champion_version(_model(root))
     return None if mv is None else int(mv.version)
 
 
 def _decision_runs() -> pd.DataFrame:
-    from wpcrack.tracking import search_runs
+    from wpcrack.tracking.runs import search_runs
 
     return search_runs(dataset=DATASET, stage=f"retrain@{DATASET}")
 

@@ -19,8 +19,8 @@ from wpcrack.data.datasets import normalize
 from wpcrack.errors import DataError
 from wpcrack.io import read_mask, write_image
 from wpcrack.models.wpcracknet import build_model
-from wpcrack.detection import load_resolved_config, probability_map
-from wpcrack.predict import crack_stats, predict, skeletonize
+from wpcrack.deploy.detection import load_resolved_config, probability_map
+from wpcrack.deploy.predict import crack_stats, predict, skeletonize
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 TINY = ["model.backbone=mobilenet_v2", "model.pretrained=false", "model.cam_channels=16", "model.paam_channels=16",
@@ -216,7 +216,7 @@ def test_predict_folder_writes_masks_statistics_and_reports_bad_files(model_dir,
 
 
 def test_predict_warns_when_the_opt_in_gate_skips_most_tiles(model_dir, tmp_path, capsys, monkeypatch):
-    from wpcrack import predict as predict_module
+    from wpcrack.deploy import predict as predict_module
 
     monkeypatch.setattr(predict_module, "load_detector", lambda *a: (DarkPixels(), _cfg("evaluate.tile_size=64"), "dark"))
     write_image(tmp_path / "plain.png", np.full((64, 256, 3), 128, np.uint8))

@@ -13,7 +13,7 @@ from wpcrack.config import Config, PathsConfig, PrepareConfig, SyntheticPrepare,
 from wpcrack.data.datasets import WeakDataset
 from wpcrack.data.prepare import prepare
 from wpcrack.models.wpcracknet import build_model
-from wpcrack.pseudo_labels import IGNORE, CRFPool
+from wpcrack.method.pseudo_labels import IGNORE, CRFPool
 from wpcrack.train.phases import Runtime
 from wpcrack.train.relabel import image_cams, refresh
 

@@ -10,7 +10,7 @@ import torch
 
 from wpcrack.config import load_config
 from wpcrack.errors import ConfigError
-from wpcrack.scale_check import blur, check, scale_check, shrink
+from wpcrack.diagnostics.scale_check import blur, check, scale_check, shrink
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 

@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 import torch
 
-from wpcrack import tracking
+from wpcrack.tracking import runs as tracking
 from wpcrack.config import load_config
 from wpcrack.models.wpcracknet import build_model
-from wpcrack.serving import decode_image, encode_png
+from wpcrack.deploy.serving import decode_image, encode_png
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 TINY = ["model.backbone=mobilenet_v2", "model.pretrained=false", "model.cam_channels=16", "model.paam_channels=16",
@@ -162,7 +162,7 @@ def test_search_runs_filters_by_tags(logged):
 
 
 def test_predict_loads_the_champion_from_mlflow(logged, tmp_path):
-    from wpcrack.predict import predict
+    from wpcrack.deploy.predict import predict
 
     tracking.set_champion_if_not_worse(NAME, str(logged[1]), 99.0)
     image = tmp_path / "img.png"

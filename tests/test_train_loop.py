@@ -16,7 +16,7 @@ from wpcrack.data.datasets import WeakDataset
 from wpcrack.data.prepare import prepare
 from wpcrack.errors import TrainingError
 from wpcrack.models.wpcracknet import build_model
-from wpcrack.pseudo_labels import confusion
+from wpcrack.method.pseudo_labels import confusion
 from wpcrack.train import checkpoint, loop, phases
 from wpcrack.train.loop import train
 
@@ -69,34 +69,70 @@ class Killed(Exception):
     pass
 
 
-def test_resume_after_a_kill_ends_with_the_same_weights(tiny_data, tmp_path, monkeypatch):
-    cfg = _cfg(tiny_data)
-    train(cfg, tmp_path / "straight", track=False)
+IMAGE_LABELS = ("pseudo_labels.source=image", "pseudo_labels.method=darkness", "pseudo_labels.refresh_epochs=2",
+                "pseudo_labels.darkness.block=15", "pseudo_labels.darkness.min_area=4")
 
+
+def _kill_in_epoch_two(monkeypatch, cfg, out: Path) -> None:
     calls = {"n": 0}
     real_step = loop.train_step
 
-    def killed_in_epoch_two(*args, **kwargs):
+    def killed(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 4:  # second step of epoch 2, after epoch 1's checkpoint
             raise Killed
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "train_step", killed_in_epoch_two)
+    monkeypatch.setattr(loop, "train_step", killed)
     with pytest.raises(Killed):
-        train(cfg, tmp_path / "resumed", track=False)
-    assert checkpoint.load(tmp_path / "resumed" / "checkpoint.pt")["run"]["epoch"] == 1
+        train(cfg, out, track=False)
     monkeypatch.setattr(loop, "train_step", real_step)
-    train(cfg, tmp_path / "resumed", resume=True, track=False)
+    assert checkpoint.load(out / "checkpoint.pt")["run"]["epoch"] == 1
+
+
+@pytest.mark.parametrize(("overrides", "resume"), [((), True), (IMAGE_LABELS, None)],
+                         ids=["--resume", "dvc-stage-default-with-whole-image-labels"])
+def test_resume_after_a_kill_ends_with_the_same_weights(tiny_data, tmp_path, monkeypatch, overrides, resume):
+    """``resume=None`` is what ``dvc repro train@<run>`` runs (no flag): it must continue by itself.
+    With whole-image labels remade every 2 epochs, the labels of epoch 1 travel in the checkpoint."""
+    cfg = _cfg(tiny_data, *overrides)
+    straight_metrics = train(cfg, tmp_path / "straight", track=False)
+    assert straight_metrics["resumed_from_epoch"] == 0
+    _kill_in_epoch_two(monkeypatch, cfg, tmp_path / "resumed")
+    resumed_metrics = train(cfg, tmp_path / "resumed", resume=resume, track=False)
+    assert resumed_metrics["resumed_from_epoch"] == 1
+    assert json.loads((tmp_path / "resumed" / "train_metrics.json").read_text())["resumed_from_epoch"] == 1
+    for key in ("val_score", "best_epoch", "best", "pseudo_label_iou"):
+        assert resumed_metrics[key] == straight_metrics[key], key
+
 
     for name in ("checkpoint.pt", "best.pt"):
         a, b = _weights(tmp_path / "straight" / name), _weights(tmp_path / "resumed" / name)
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), name
     straight, resumed = (list(csv.DictReader((tmp_path / d / "history.csv").open())) for d in ("straight", "resumed"))
-    timing = {"s_per_iter", "crf_wait_share", "epoch_s", *loop.TIMING_KEYS}
+    timing = {"s_per_iter", "crf_wait_share", "epoch_s", "relabel_s", *loop.TIMING_KEYS}
     assert [{k: v for k, v in r.items() if k not in timing} for r in straight] == [
         {k: v for k, v in r.items() if k not in timing} for r in resumed]
+
+
+def test_a_checkpoint_of_other_code_or_a_finished_run_is_not_resumed(tiny_data, tmp_path, monkeypatch, capsys):
+    cfg = _cfg(tiny_data, "train.epochs=2")
+    _kill_in_epoch_two(monkeypatch, cfg, tmp_path)
+    monkeypatch.setattr(checkpoint, "code_fingerprint", lambda: "edited")
+    with pytest.raises(TrainingError, match="the training code changed"):
+        train(cfg, tmp_path, resume=True, track=False)
+    assert train(cfg, tmp_path, track=False)["resumed_from_epoch"] == 0
+    assert "the training code changed since it was written: training from scratch" in capsys.readouterr().err
+    assert checkpoint.load(tmp_path / "checkpoint.pt")["fingerprints"]["code"] == "edited"
+    assert train(cfg, tmp_path, track=False)["resumed_from_epoch"] == 0  # finished: `dvc repro -f` retrains
+    assert "its run finished (2 of 2 epochs)" in capsys.readouterr().err
+
+
+def test_fresh_ignores_an_unfinished_checkpoint(tiny_data, tmp_path, monkeypatch):
+    cfg = _cfg(tiny_data, "train.epochs=2")
+    _kill_in_epoch_two(monkeypatch, cfg, tmp_path)
+    assert train(cfg, tmp_path, resume=False, track=False)["resumed_from_epoch"] == 0
 
 
 def test_resume_refuses_another_configuration(tiny_data, tmp_path):

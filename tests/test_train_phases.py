@@ -10,7 +10,7 @@ import torch
 from wpcrack.config import load_config
 from wpcrack.errors import TrainingError
 from wpcrack.models.wpcracknet import build_model
-from wpcrack.pseudo_labels import CRFPool
+from wpcrack.method.pseudo_labels import CRFPool
 from wpcrack.train import phases
 from wpcrack.train.optim import build_optimizers
 from wpcrack.train.phases import Batch, Runtime, classifier_step, detector_step, reconstructor_step, train_step

@@ -109,7 +109,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 def cmd_benchmark(args: argparse.Namespace) -> None:
     cfg = _config(args, args.dataset, args.variant)
-    from wpcrack.benchmark import benchmark
+    from wpcrack.diagnostics.benchmark import benchmark
 
     model_dir, _ = _run_dirs(cfg, args.dataset, args.variant)
     benchmark(cfg, model_dir=Path(args.model_dir) if args.model_dir else model_dir,
@@ -118,14 +118,14 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     cfg = _config(args, args.dataset, args.variant)
-    from wpcrack.export import export
+    from wpcrack.deploy.export import export
 
     model_dir, _ = _run_dirs(cfg, args.dataset, args.variant)
     export(cfg, Path(args.model_dir) if args.model_dir else model_dir, Path(args.onnx), args.check_images)
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from wpcrack.predict import predict
+    from wpcrack.deploy.predict import predict
 
     predict(
         [Path(p) for p in args.inputs],
@@ -155,7 +155,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_experiments(args: argparse.Namespace) -> None:
     from wpcrack.config import DATASET_NAMES
     from wpcrack.evaluate.report import REAL_DATASETS
-    from wpcrack.experiments import write_experiments
+    from wpcrack.tracking.experiments import write_experiments
 
     datasets = args.datasets or list(REAL_DATASETS)
     unknown = [d for d in datasets if d not in DATASET_NAMES]
@@ -166,7 +166,7 @@ def cmd_experiments(args: argparse.Namespace) -> None:
 
 
 def cmd_tune_crf(args: argparse.Namespace) -> None:
-    from wpcrack.crf_tuning import parse_grid, tune, write
+    from wpcrack.diagnostics.crf_tuning import parse_grid, tune, write
 
     cfg = _config(args, args.dataset, args.variant)
     model_dir, _ = _run_dirs(cfg, args.dataset, args.variant)
@@ -181,7 +181,7 @@ def cmd_tune_crf(args: argparse.Namespace) -> None:
 
 
 def cmd_scale_check(args: argparse.Namespace) -> None:
-    from wpcrack.scale_check import check, write
+    from wpcrack.diagnostics.scale_check import check, write
 
     cfg = _config(args, args.dataset, args.variant)
     model_dir, _ = _run_dirs(cfg, args.dataset, args.variant)
@@ -194,7 +194,7 @@ def cmd_scale_check(args: argparse.Namespace) -> None:
 
 
 def cmd_promote(args: argparse.Namespace) -> None:
-    from wpcrack.tracking import CHAMPION, client, model_name, promote_champion
+    from wpcrack.tracking.runs import CHAMPION, client, model_name, promote_champion
 
     cfg = _config(args, args.dataset)
     name = model_name(cfg.tracking.model_name_prefix, args.dataset)
@@ -242,7 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train WP-CrackNet (or a variant) on a prepared dataset")
     _dataset_arg(p)
     p.add_argument("--variant", default="full", help="variant from params.yaml (default: full)")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument("--resume", dest="resume", action="store_const", const=True, default=None,
+                        help="continue from checkpoint.pt or fail saying why (default: continue it when its "
+                             "config, data and code match, else start over)")
+    resume.add_argument("--fresh", dest="resume", action="store_const", const=False,
+                        help="start over even if an unfinished checkpoint.pt of the same run is there")
     p.add_argument("--out", help="output folder (default: models/<dataset>/<variant>)")
     _common(p)
     p.set_defaults(func=cmd_train)

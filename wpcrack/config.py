@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -128,7 +129,7 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class DarknessConfig:
-    """Locally dark pixels (``wpcrack.darkness``); block and min_area in pixels of the image it runs on."""
+    """Locally dark pixels (``wpcrack.method.darkness``); block and min_area in pixels of the image it runs on."""
 
     block: int = 61
     offset: float = 25.0
@@ -314,7 +315,42 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
             f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}"
         )
     kwargs = {k: _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in values.items()}
-    return cls(**kwargs)
+    built = cls(**kwargs)
+    for name, (ok, rule) in _LIMITS.get(cls, {}).items():
+        value = getattr(built, name)
+        if value is not None and not all(ok(v) for v in (value if isinstance(value, tuple) else (value,))):
+            raise ConfigError(f"{where}.{name}: {value!r} {rule}" if where else f"{name}: {value!r} {rule}")
+    return built
+
+
+# Value ranges, checked when a configuration is built: a wrong value fails here with its key instead of
+# deep inside training (a learning rate of 0 divided by zero in the schedule).
+_POSITIVE = (lambda v: v > 0, "must be > 0")
+_ONE_OR_MORE = (lambda v: v >= 1, "must be >= 1")
+_NON_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
+_OPEN_UNIT = (lambda v: 0 < v < 1, "must be in (0, 1)")
+_HALF_OPEN_UNIT = (lambda v: 0 <= v < 1, "must be in [0, 1)")
+_LIMITS: dict[type, dict[str, tuple[Callable[[Any], bool], str]]] = {
+    ModelConfig: {k: _ONE_OR_MORE for k in ("cam_channels", "paam_channels", "paam_reduction", "detector_channels",
+                                            "decoder_channels")},
+    CECCMConfig: {"sigma": _POSITIVE},
+    LossConfig: {**{k: _NON_NEGATIVE for k in ("lambda_c1", "lambda_r1_c", "lambda_r1_r", "lambda_c2", "lambda_r2_c",
+                                               "lambda_r2_r", "lambda_cec", "det_dice")},
+                 "det_pos_weight": _POSITIVE},
+    DarknessConfig: {"block": (lambda v: v >= 3, "must be >= 3"), "min_area": _NON_NEGATIVE,
+                     "bilateral_d": _NON_NEGATIVE},
+    PseudoLabelConfig: {"refresh_epochs": _ONE_OR_MORE, "cam_scales": _POSITIVE, "cam_threshold": _HALF_OPEN_UNIT,
+                        "ignore_band": _NON_NEGATIVE, "iterations": _NON_NEGATIVE, "workers": _NON_NEGATIVE,
+                        "min_pixels": _NON_NEGATIVE, "bg_power": _POSITIVE},
+    TrainConfig: {"epochs": _ONE_OR_MORE, "batch_size": _ONE_OR_MORE, "crop_size": _NON_NEGATIVE, "lr": _POSITIVE,
+                  "lr_detector": _POSITIVE, "momentum": _HALF_OPEN_UNIT, "weight_decay": _NON_NEGATIVE,
+                  "poly_power": _POSITIVE, "detector_warmup_epochs": _NON_NEGATIVE,
+                  "max_steps_per_epoch": _ONE_OR_MORE, "num_workers": _NON_NEGATIVE, "val_every": _ONE_OR_MORE},
+    EvaluateConfig: {"threshold": _OPEN_UNIT, "tile_size": _ONE_OR_MORE, "tile_overlap": _NON_NEGATIVE,
+                     "figure_images": _NON_NEGATIVE, "pr_thresholds": (lambda v: v >= 2, "must be >= 2")},
+    BenchmarkConfig: {"size": _ONE_OR_MORE, "batch_sizes": _ONE_OR_MORE, "warmup": _NON_NEGATIVE,
+                      "iterations": _ONE_OR_MORE},
+}
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -397,8 +433,13 @@ def load_config(
     overrides: list[str] | tuple[str, ...] = (),
     profile: str | None = None,
 ) -> Config:
-    """Read params.yaml and resolve it for one dataset/variant (see module docstring)."""
-    return resolve(read_params(path), dataset, variant, overrides, profile)
+    """Read params.yaml and resolve it for one dataset/variant (see module docstring); a bad value's
+    error names the file and the key."""
+    raw = read_params(path)
+    try:
+        return resolve(raw, dataset, variant, overrides, profile)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def list_runs(path: str | Path = "params.yaml") -> dict[str, dict[str, str]]:

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from wpcrack.errors import DataError
+from wpcrack.geometry import LINEAR, resize_image, resize_mask, scaled_size
 from wpcrack.io import read_image, read_mask
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -71,10 +72,9 @@ def augment(rgb: np.ndarray, mask: np.ndarray, rng: np.random.Generator, crop_si
     if crop_size:
         s = max(s, min(1.0, crop_size / min(mask.shape[:2])))
     if s != 1.0:
-        h, w = mask.shape[:2]
-        size = (max(int(round(w * s)), 1), max(int(round(h * s)), 1))
-        rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_LINEAR)
-        mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST).reshape(size[1], size[0], *mask.shape[2:])
+        size = scaled_size(mask.shape, s)
+        rgb = resize_image(rgb, size, shrink=LINEAR)
+        mask = resize_mask(mask, size)
     if flip and rng.random() < 0.5:
         rgb, mask = rgb[:, ::-1], mask[:, ::-1]
     if crop_size:

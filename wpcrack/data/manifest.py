@@ -8,6 +8,7 @@ crash in epoch 3. Image sizes come from file headers (PIL reads only the header)
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -192,3 +193,19 @@ def save_manifest(rows: pd.DataFrame | list[dict], path: str | Path, name: str |
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)
     return df
+
+
+def fingerprint(path: str | Path) -> str:
+    """md5 of a prepared dataset: the manifest and, in its order, every image and mask it lists.
+    Two preparations with the same fingerprint give training the same bytes (a resumed run checks it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "manifest not found (run `wpcrack prepare` or `dvc repro prepare@<dataset>`)")
+    digest = hashlib.md5(path.read_bytes())
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    for column in ("image", "mask"):
+        for rel in frame.get(column, []):
+            if rel:
+                digest.update(rel.encode())
+                digest.update((path.parent / rel).read_bytes())
+    return digest.hexdigest()

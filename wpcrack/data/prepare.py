@@ -30,6 +30,7 @@ import numpy as np
 
 from wpcrack.config import Config, PrepareConfig
 from wpcrack.errors import DataError
+from wpcrack.geometry import grid_cells, resize_mask, resize_square
 from wpcrack.io import atomic_dir, list_images, read_image, read_mask, write_image, write_json
 
 SPLITS = ("train", "val", "test")
@@ -106,24 +107,6 @@ def label_of(mask: np.ndarray, min_pixels: int) -> int:
     return int(int(mask.sum()) >= min_pixels)
 
 
-def resize(rgb: np.ndarray, size: int) -> np.ndarray:
-    """Square rescale: area averaging when shrinking (no aliasing), cubic when enlarging."""
-    h, w = rgb.shape[:2]
-    interp = cv2.INTER_AREA if size <= h and size <= w else cv2.INTER_CUBIC
-    return cv2.resize(rgb, (size, size), interpolation=interp)
-
-
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    return cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)
-
-
-def grid_cells(height: int, width: int, grid: int) -> list[tuple[int, int, int, int]]:
-    """(y0, y1, x0, x1) of a grid x grid cut, row-major; evaluation must cut CFD test images the same way."""
-    ys = np.linspace(0, height, grid + 1).round().astype(int)
-    xs = np.linspace(0, width, grid + 1).round().astype(int)
-    return [(ys[r], ys[r + 1], xs[c], xs[c + 1]) for r in range(grid) for c in range(grid)]
-
-
 def split_sources(ids: Iterable[str], fractions: dict[str, float], rng: np.random.Generator) -> dict[str, str]:
     """Seeded split of *source* ids (never of crops/patches); each fraction rounds, train gets the rest."""
     ids = sorted(set(ids))
@@ -182,7 +165,7 @@ def cut_nocrack(writer: _Writer, split: str, items: list[Item], count: int, size
             rgb = read_image(item.image)
             mask = read_mask(item.mask, shape=rgb.shape[:2])
             if matched:
-                rgb, mask = resize(rgb, out_size), resize_mask(mask, out_size)
+                rgb, mask = resize_square(rgb, out_size), resize_mask(mask, (out_size, out_size))
             free = np.setdiff1d(free_windows(mask, size), list(used.get(i, ())))
             if free.size == 0:
                 exhausted.add(i)
@@ -190,7 +173,7 @@ def cut_nocrack(writer: _Writer, split: str, items: list[Item], count: int, size
             k = int(rng.choice(free))
             used.setdefault(i, set()).add(k)
             y, x = divmod(k, mask.shape[1] - size + 1)
-            patch = rgb[y:y + size, x:x + size] if matched else resize(rgb[y:y + size, x:x + size], out_size)
+            patch = rgb[y:y + size, x:x + size] if matched else resize_square(rgb[y:y + size, x:x + size], out_size)
             writer.add(split, f"{item.name}_nc{y}_{x}", patch, np.zeros(patch.shape[:2], np.uint8), 0, item.source_id)
             made += 1
     return made
@@ -209,7 +192,7 @@ def _rescaled_rows(writer: _Writer, split_of: dict[str, str], items: list[Item],
     for item in _progress(items, writer.dataset):
         rgb = read_image(item.image)
         mask = read_mask(item.mask, shape=rgb.shape[:2])
-        writer.add(split_of[item.source_id], item.name, resize(rgb, size), resize_mask(mask, size),
+        writer.add(split_of[item.source_id], item.name, resize_square(rgb, size), resize_mask(mask, (size, size)),
                    label_of(mask, min_pixels), item.source_id)
 
 
@@ -266,8 +249,8 @@ def _cfd(p: PrepareConfig, raw: Path, writer: _Writer) -> dict:
         mask = read_mask(item.mask, shape=rgb.shape[:2])
         for k, (y0, y1, x0, x1) in enumerate(grid_cells(*rgb.shape[:2], c.grid)):
             cell = mask[y0:y1, x0:x1]
-            writer.add(split, f"{item.name}_g{k}", resize(rgb[y0:y1, x0:x1], c.patch_size),
-                       resize_mask(cell, c.patch_size), label_of(cell, p.min_crack_pixels), item.source_id)
+            writer.add(split, f"{item.name}_g{k}", resize_square(rgb[y0:y1, x0:x1], c.patch_size),
+                       resize_mask(cell, (c.patch_size, c.patch_size)), label_of(cell, p.min_crack_pixels), item.source_id)
     return {}
 
 
@@ -411,7 +394,7 @@ def _incoming(p: PrepareConfig, root: Path, writer: _Writer) -> dict:
                             f"is corrupt or was never checked out ({checkout})") from None
         if row.get("sha256") and hashlib.sha256(path.read_bytes()).hexdigest() != row["sha256"]:
             raise DataError(path, f"content differs from its sha256 in {folder / 'manifest.csv'} (corrupt; {checkout})")
-        writer.add_unmasked("train", f"incoming-{Path(row['image']).stem}", resize(rgb, size),
+        writer.add_unmasked("train", f"incoming-{Path(row['image']).stem}", resize_square(rgb, size),
                             int(row["label"]), row["source_id"])
     crack = int(df["label"].astype(int).sum())
     return {"rows": len(df), "crack": crack, "nocrack": len(df) - crack}

@@ -1,6 +1,6 @@
 """``wpcrack classical``: the image-processing baseline the learned model must beat.
 
-Locally dark pixels (``wpcrack.darkness``: bilateral filter, mean adaptive threshold, small blobs
+Locally dark pixels (``wpcrack.method.darkness``: bilateral filter, mean adaptive threshold, small blobs
 removed), no training. Its three parameters (block, offset, minimum area) are chosen on the pixel
 masks of ``classical.splits`` (train and val in params.yaml: DeepCrack's val split alone, 23 crack
 photos, picked a setting 12 IoU worse on test than the train+val choice), the best crack IoU (counts
@@ -22,12 +22,12 @@ import cv2
 import numpy as np
 
 from wpcrack.config import Config, DarknessConfig
-from wpcrack.darkness import dark_pixels, remove_small
+from wpcrack.method.darkness import dark_pixels, remove_small
 from wpcrack.errors import DataError
 from wpcrack.evaluate.inference import at_model_scale, score_size
 from wpcrack.evaluate.metrics import ConfusionAccumulator, align, format_table, summary_row
 from wpcrack.io import atomic_dir, read_image, read_mask, write_image, write_json
-from wpcrack.pseudo_labels import confusion, iou_of
+from wpcrack.method.pseudo_labels import confusion, iou_of
 
 MODE = "classical"
 VARIANT = "classical"

@@ -4,12 +4,12 @@ Dataset rules (design.md 1-2) live in ``eval_views``. The model sees a test imag
 its training rows had, and is scored at the protocol's resolution:
 
 - DeepCrack: training rows were rescaled to ``prepare.deepcrack.image_size`` squares; the test
-  image is rescaled the same way (``wpcrack.data.prepare.resize``) and predicted, and the output is
+  image is rescaled the same way (``wpcrack.geometry.resize_square``) and predicted, and the output is
   brought to ``prepare.deepcrack.eval_size`` (256: the verified protocol scores there).
 - CRACK500: rescaled to ``prepare.crack500.image_size`` squares likewise, predicted, and the
   probabilities resized bilinearly back to the native resolution, where they are scored.
 - CFD: patch-gated (paper 4.1): the image is cut into the training grid
-  (``wpcrack.data.prepare.grid_cells``), each cell resized to the training patch size, the
+  (``wpcrack.geometry.grid_cells``), each cell resized to the training patch size, the
   classifier keeps the patches it calls crack, only those are predicted, and the outputs are merged
   at full size with zeros elsewhere.
 - Synthetic: native resolution (its training rows are not rescaled).
@@ -29,6 +29,7 @@ import torch
 
 from wpcrack.config import Config
 from wpcrack.errors import DataError, TrainingError
+from wpcrack.geometry import grid_cells, resize_map, resize_square, tile_weights, tiles
 
 
 def load_trained(model_dir: Path, cfg: Config, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -74,44 +75,12 @@ def to_batch(rgbs: list[np.ndarray], device: torch.device) -> torch.Tensor:
     return normalize(torch.from_numpy(np.stack(rgbs))).to(device)
 
 
-def _resize_map(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A float map to (H, W), bilinear."""
-    import cv2
-
-    h, w = size
-    if values.shape == (h, w):
-        return values
-    return cv2.resize(values.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
-
-
 # --- tiled prediction ------------------------------------------------------------------------
 
 
 def _predict_batch(model: torch.nn.Module, rgbs: list[np.ndarray]) -> list[np.ndarray]:
     with torch.inference_mode():
         return list(model.predict(to_batch(rgbs, model_device(model)))[:, 0].float().cpu().numpy())
-
-
-def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Tile origins along one axis: stride ``tile - overlap``, the last tile flush with the end."""
-    if length <= tile:
-        return [0]
-    if not 0 <= overlap < tile:
-        raise ValueError(f"tile overlap {overlap} must be in [0, tile size {tile})")
-    starts = list(range(0, length - tile, tile - overlap))
-    return starts + [length - tile]
-
-
-def _ramp(n: int, overlap: int, rise: bool, fall: bool) -> np.ndarray:
-    """1 inside, linear ramps over ``overlap`` pixels on sides shared with a neighbour, never 0."""
-    w = np.ones(n, dtype=np.float32)
-    if overlap > 0:
-        ramp = np.arange(1, min(overlap, n) + 1, dtype=np.float32) / (overlap + 1)
-        if rise:
-            w[: ramp.size] = np.minimum(w[: ramp.size], ramp)
-        if fall:
-            w[n - ramp.size:] = np.minimum(w[n - ramp.size:], ramp[::-1])
-    return w
 
 
 def predict_images(model: torch.nn.Module, rgbs: list[np.ndarray], cfg: Config) -> list[np.ndarray]:
@@ -134,19 +103,17 @@ def predict_image(model: torch.nn.Module, rgb: np.ndarray, cfg: Config) -> np.nd
 
 def _predict_tiled(model: torch.nn.Module, rgb: np.ndarray, cfg: Config, batch_size: int = 8) -> np.ndarray:
     h, w = rgb.shape[:2]
-    tile, overlap = cfg.evaluate.tile_size, cfg.evaluate.tile_overlap
-    th, tw = min(tile, h), min(tile, w)
-    ys, xs = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
-    boxes = [(y, x) for y in ys for x in xs]
+    overlap = cfg.evaluate.tile_overlap
+    boxes = tiles(h, w, cfg.evaluate.tile_size, overlap)
     out = np.zeros((h, w), dtype=np.float32)
     weight = np.zeros((h, w), dtype=np.float32)
     for i in range(0, len(boxes), batch_size):
         chunk = boxes[i:i + batch_size]
-        probs = _predict_batch(model, [rgb[y:y + th, x:x + tw] for y, x in chunk])
-        for (y, x), prob in zip(chunk, probs, strict=True):
-            win = np.outer(_ramp(th, overlap, y > 0, y + th < h), _ramp(tw, overlap, x > 0, x + tw < w))
-            out[y:y + th, x:x + tw] += prob * win
-            weight[y:y + th, x:x + tw] += win
+        probs = _predict_batch(model, [rgb[y0:y1, x0:x1] for y0, y1, x0, x1 in chunk])
+        for (y0, y1, x0, x1), prob in zip(chunk, probs, strict=True):
+            win = tile_weights((y0, y1, x0, x1), h, w, overlap)
+            out[y0:y1, x0:x1] += prob * win
+            weight[y0:y1, x0:x1] += win
     return out / weight
 
 
@@ -158,7 +125,7 @@ def crack_cams(model: torch.nn.Module, rgbs: list[np.ndarray], labels: list[int]
 
     ``labels`` multiply the CAMs like the image labels do in training (a 0 gives an empty CAM).
     """
-    from wpcrack.cam import crack_cam
+    from wpcrack.method.cam import crack_cam
 
     h, w = rgbs[0].shape[:2]
     x = to_batch(rgbs, model_device(model))
@@ -192,11 +159,9 @@ def patch_gated(model: torch.nn.Module, rgb: np.ndarray, cfg: Config, head: Patc
     each map is resized back bilinearly into its patch's cell. The result also holds ``"gate"``:
     each cell filled with the classifier's crack probability.
     """
-    from wpcrack.data.prepare import grid_cells, resize
-
     h, w = rgb.shape[:2]
     boxes = grid_cells(h, w, cfg.prepare.cfd.grid)
-    patches = [resize(rgb[y0:y1, x0:x1], cfg.prepare.cfd.patch_size) for y0, y1, x0, x1 in boxes]
+    patches = [resize_square(rgb[y0:y1, x0:x1], cfg.prepare.cfd.patch_size) for y0, y1, x0, x1 in boxes]
     p_crack = classify(model, patches)
     gate = np.zeros((h, w), dtype=np.float32)
     for (y0, y1, x0, x1), p in zip(boxes, p_crack, strict=True):
@@ -208,7 +173,7 @@ def patch_gated(model: torch.nn.Module, rgb: np.ndarray, cfg: Config, head: Patc
         merged[name] = np.zeros((h, w), dtype=np.float32)
         for i, values in zip(keep, maps, strict=True):
             y0, y1, x0, x1 = boxes[i]
-            merged[name][y0:y1, x0:x1] = _resize_map(values, (y1 - y0, x1 - x0))
+            merged[name][y0:y1, x0:x1] = resize_map(values, (y1 - y0, x1 - x0))
     return merged
 
 
@@ -242,7 +207,7 @@ def score_size(cfg: Config) -> int | None:
 
 def _refine(rgb: np.ndarray, cam: np.ndarray, cfg: Config) -> np.ndarray:
     """The pseudo label training would make of this CAM (``pseudo_labels.method``), {0, 1}."""
-    from wpcrack.pseudo_labels import make_label
+    from wpcrack.method.pseudo_labels import make_label
 
     if not cam.any():
         return np.zeros(cam.shape, dtype=np.uint8)
@@ -265,19 +230,17 @@ def at_model_scale(rgb: np.ndarray, cfg: Config, fn: Callable[[np.ndarray], np.n
     """(image, map) at the scoring resolution, ``fn`` (uint8 image -> float map of its size) having
     seen the test image at the scale of the dataset's training rows: every CFD grid cell resized to
     the patch size (no gating), other datasets rescaled like ``eval_views`` does."""
-    from wpcrack.data.prepare import grid_cells, resize
-
     if cfg.dataset == "cfd":
         out = np.zeros(rgb.shape[:2], dtype=np.float32)
         for y0, y1, x0, x1 in grid_cells(*rgb.shape[:2], cfg.prepare.cfd.grid):
-            values = fn(resize(rgb[y0:y1, x0:x1], cfg.prepare.cfd.patch_size))
-            out[y0:y1, x0:x1] = _resize_map(values, (y1 - y0, x1 - x0))
+            values = fn(resize_square(rgb[y0:y1, x0:x1], cfg.prepare.cfd.patch_size))
+            out[y0:y1, x0:x1] = resize_map(values, (y1 - y0, x1 - x0))
         return rgb, out
     size = inference_size(cfg)
-    values = fn(resize(rgb, size) if size else rgb)
+    values = fn(resize_square(rgb, size) if size else rgb)
     if score_size(cfg):
-        rgb = resize(rgb, score_size(cfg))
-    return rgb, _resize_map(values, rgb.shape[:2])
+        rgb = resize_square(rgb, score_size(cfg))
+    return rgb, resize_map(values, rgb.shape[:2])
 
 
 def eval_views(model: torch.nn.Module, rgb: np.ndarray, cfg: Config, label: int = 1) -> EvalViews:
@@ -289,18 +252,16 @@ def eval_views(model: torch.nn.Module, rgb: np.ndarray, cfg: Config, label: int 
     training patch size, the scale its pseudo labels were made at. Maps made at the model's scale
     are resized bilinearly to the scoring resolution; the pseudo label is re-thresholded at 0.5.
     """
-    from wpcrack.data.prepare import resize
-
     if cfg.dataset == "cfd":
         merged = patch_gated(model, rgb, cfg, lambda ps: _views(model, ps, cfg))
         empty = np.zeros(rgb.shape[:2], dtype=np.float32)
         maps = {k: merged.get(k, empty) for k in ("prob", "cam", "pseudo")}
     else:
         size = inference_size(cfg)
-        seen = resize(rgb, size) if size else rgb
+        seen = resize_square(rgb, size) if size else rgb
         maps = {k: v[0] for k, v in _views(model, [seen], cfg, [label]).items()}
         out = score_size(cfg)
         if out:
-            rgb = resize(rgb, out)
-        maps = {k: _resize_map(v, rgb.shape[:2]) for k, v in maps.items()}
+            rgb = resize_square(rgb, out)
+        maps = {k: resize_map(v, rgb.shape[:2]) for k, v in maps.items()}
     return EvalViews(rgb, maps["prob"], maps["cam"], (maps["pseudo"] > 0.5).astype(np.uint8))

@@ -31,6 +31,7 @@ from typing import NamedTuple
 import numpy as np
 
 from wpcrack.errors import WpcrackError
+from wpcrack.geometry import resize_map, resize_mask
 
 PRIMARY = ("precision", "recall", "accuracy", "f1", "iou")
 
@@ -70,23 +71,14 @@ def binarize(pred: np.ndarray, threshold: float = 0.5) -> np.ndarray:
 
 def resize_gt(gt_bin: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Binary mask to (H, W) with nearest-neighbour interpolation (the DeepCrack protocol)."""
-    import cv2
-
-    h, w = size
-    if gt_bin.shape == (h, w):
+    if gt_bin.shape == tuple(size):
         return gt_bin
-    return cv2.resize(np.ascontiguousarray(gt_bin, dtype=np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
+    return resize_mask(np.asarray(gt_bin, dtype=np.uint8), size)
 
 
 def resize_probability(pred: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Probability map to (H, W), bilinear on values in [0,1]; unchanged (exact) when it fits."""
-    import cv2
-
-    h, w = size
-    prob = as_probability(pred)
-    if prob.shape == (h, w):
-        return prob
-    return cv2.resize(prob.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR).astype(np.float64)
+    return resize_map(as_probability(pred), size).astype(np.float64)
 
 
 def align(pred: np.ndarray, gt_bin: np.ndarray, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -90,7 +90,7 @@ def evaluate(cfg: Config, model_dir: Path, out_dir: Path) -> dict:
     accs = {m: ConfusionAccumulator(cfg.evaluate.threshold, cfg.evaluate.pr_thresholds) for m in MODES}
     shown = set(pick_rows(len(rows), cfg.evaluate.figure_images))
     figure_rows = []
-    from wpcrack.detection import GatedDetector
+    from wpcrack.deploy.detection import GatedDetector
 
     gated = GatedDetector(model.slim(), GATE)
     start = time.perf_counter()
@@ -142,7 +142,7 @@ def _write_pr_curve(path: Path, acc: ConfusionAccumulator) -> None:
 def _track(cfg: Config, model_dir: Path, out_dir: Path, metrics: dict, seconds_per_image: float) -> None:
     """One MLflow run per evaluation (stage ``evaluate@<run key>``) when tracking is installed."""
     try:
-        from wpcrack.tracking import start_run
+        from wpcrack.tracking.runs import start_run
     except ImportError:
         return
     flat = {

@@ -170,7 +170,7 @@ def compare(params: Path, dataset: str) -> dict[str, Path]:
 
 
 def _log(cfg, dataset: str, paths: dict[str, Path]) -> None:
-    from wpcrack.tracking import start_run
+    from wpcrack.tracking.runs import start_run
 
     with start_run(cfg, stage=f"compare@{dataset}") as tracker:
         for path in paths.values():

@@ -5,10 +5,17 @@ schedules, the epoch and step counters, every random generator (python, numpy, t
 DataLoader's) and the run's history, so a resumed run continues bit for bit. ``best.pt`` (chosen
 on validation) holds only what inference needs: the model, the resolved config and the score.
 Everything is tensors and plain Python types, so no pickled object is ever executed on load.
+
+``fingerprints`` say what a checkpoint was trained from: the training sections of the config, the
+prepared data (``wpcrack.data.manifest.fingerprint``) and the source of the modules that decide the
+weights (the train stage's code deps). ``wpcrack train`` resumes a checkpoint by itself only when all
+three match, so a run killed under ``dvc repro`` continues and a run of changed code starts over.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -21,6 +28,39 @@ from wpcrack.io import atomic_path
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
+# The config sections that decide the weights (evaluate, benchmark, paths ... do not).
+TRAINING_SECTIONS = ("dataset", "prepare", "model", "ceccm", "loss", "pseudo_labels", "train")
+# The package parts whose source decides the weights: dvc.yaml's train deps.
+TRAINING_CODE = ("models", "train", "data", "method", "geometry.py", "config.py")
+
+
+def training_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The sections of a resolved config (``Config.to_dict()``) that decide the weights."""
+    return {k: config.get(k) for k in TRAINING_SECTIONS}
+
+
+def _sha256(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def code_fingerprint() -> str:
+    """sha256 of the source files of ``TRAINING_CODE``, relative path and bytes, in sorted order."""
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for part in TRAINING_CODE:
+        root = package / part
+        files = sorted(root.rglob("*.py")) + sorted(root.rglob("*.txt")) if root.is_dir() else [root]
+        for path in files:
+            digest.update(path.relative_to(package).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def fingerprints(config: dict[str, Any], manifest: Path) -> dict[str, str]:
+    """{"config", "data", "code"} hashes of a run about to train (see the module docstring)."""
+    from wpcrack.data.manifest import fingerprint
+
+    return {"config": _sha256(training_config(config)), "data": fingerprint(manifest), "code": code_fingerprint()}
 
 
 def save(path: str | Path, state: dict[str, Any]) -> None:

@@ -1,11 +1,15 @@
 """``wpcrack train``: epochs of the three-phase step, validation, checkpoints, metrics, tracking.
 
 Outputs in ``out_dir`` (fixed names, DVC tracks them): ``checkpoint.pt`` (last epoch, for
-``--resume``), ``best.pt`` (best validation score), ``config.yaml`` (resolved config, git commit
-in a comment), ``train_metrics.json`` (final and best values, timing), ``history.csv`` (a row per
-epoch). Checkpoints are written only at epoch ends, so a killed or failed run keeps the last good
-one and ``--resume`` replays the interrupted epoch exactly: on the CPU a resumed run ends with the
-same weights as an uninterrupted one (on a GPU, kernels are not bitwise deterministic).
+resuming), ``best.pt`` (best validation score), ``config.yaml`` (resolved config, git commit
+in a comment), ``train_metrics.json`` (final and best values, timing, ``resumed_from_epoch``),
+``history.csv`` (a row per epoch). Checkpoints are written only at epoch ends, so a killed or
+failed run keeps the last good one, and the next ``wpcrack train`` (so ``dvc repro train@<run>``
+and the Prefect flows) continues from it by itself when its config, prepared data and training
+code fingerprints match (``wpcrack.train.checkpoint``), or says why it starts over. The checkpoint
+carries the whole-image pseudo labels too, so the interrupted epoch is replayed exactly: on the CPU
+a resumed run ends with the same weights as an uninterrupted one (on a GPU, kernels are not
+bitwise deterministic). ``--resume`` insists on resuming, ``--fresh`` never resumes.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) every process trains on its shard of the training split
 (``DistributedSampler``, seeded, a new order each epoch) with ``batch_size`` images per process
@@ -23,6 +27,7 @@ import csv
 import io
 import math
 import random
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -35,11 +40,11 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, Subset
 
-from wpcrack.cam import crack_cam
+from wpcrack.method.cam import crack_cam
 from wpcrack.config import Config
 from wpcrack.errors import ConfigError, TrainingError
 from wpcrack.io import atomic_path, write_json
-from wpcrack.pseudo_labels import CRFPool, confusion, iou_of
+from wpcrack.method.pseudo_labels import CRFPool, confusion, iou_of
 from wpcrack.train import checkpoint, relabel
 from wpcrack.train.distributed import World, process_group
 from wpcrack.train.optim import Optimizers, build_optimizers, freeze_batchnorm
@@ -60,14 +65,17 @@ class RunState:
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # summed over every step of the run (rank 0's)
     world_size: int = 1  # training processes (torchrun); a resumed run needs the same number
+    resumed_from_epoch: int = 0  # epochs done when this process took the run over (0: a fresh run)
 
 
-def train(cfg: Config, out_dir: str | Path, resume: bool = False, *, track: bool = True) -> dict[str, Any]:
+def train(cfg: Config, out_dir: str | Path, resume: bool | None = None, *, track: bool = True) -> dict[str, Any]:
     """Train WP-CrackNet (or a variant) on ``data/prepared/<dataset>``; returns train_metrics.json's dict.
 
-    ``resume`` continues from ``out_dir/checkpoint.pt`` when there is one (same configuration
-    required). ``track`` False skips MLflow (tests). Launched by torchrun (``WORLD_SIZE`` > 1), it
-    joins the process group (initialised here unless it already is) and trains data-parallel.
+    ``resume`` None (the default): continue an unfinished ``out_dir/checkpoint.pt`` of the same
+    config, data and code, else start over and say why. True: continue it or fail with the reason.
+    False: start over. ``track`` False skips MLflow (tests). Launched by torchrun
+    (``WORLD_SIZE`` > 1), it joins the process group (initialised here unless it already is) and
+    trains data-parallel.
     """
     if cfg.dataset is None:
         raise ConfigError("train needs a dataset")
@@ -76,7 +84,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, *, track: bool
         return _train(cfg, Path(out_dir), resume, track, world)
 
 
-def _train(cfg: Config, out_dir: Path, resume: bool, track: bool, world: World) -> dict[str, Any]:
+def _train(cfg: Config, out_dir: Path, resume: bool | None, track: bool, world: World) -> dict[str, Any]:
     from torch.utils.data.distributed import DistributedSampler
 
     from wpcrack.data.datasets import WeakDataset
@@ -110,9 +118,8 @@ def _train(cfg: Config, out_dir: Path, resume: bool, track: bool, world: World) 
             freeze_batchnorm(model)
         model.to(runtime.device, memory_format=torch.channels_last if runtime.channels_last else torch.preserve_format)
         optimizers = build_optimizers(model, cfg, max_iterations=t.epochs * steps)
-        run = RunState(world_size=world.size)
-        if resume and (out_dir / checkpoint.CHECKPOINT).is_file():
-            run = _restore(out_dir / checkpoint.CHECKPOINT, cfg, model, optimizers, generator, world)
+        prints = checkpoint.fingerprints(cfg.to_dict(), manifest)
+        run, labels_diag = _take_over(out_dir, cfg, prints, resume, model, optimizers, generator, train_set, world)
         world.broadcast_model(model)  # already equal (same seed); made certain, as DDP does
         commit = _write_config(cfg, out_dir) if main else ""
 
@@ -124,7 +131,6 @@ def _train(cfg: Config, out_dir: Path, resume: bool, track: bool, world: World) 
                 tracker.log_metrics(_numeric(row), step=int(row["epoch"]))
             pool.warm_up()
             examples: list[dict] = []
-            labels_diag: dict[str, float] = {}
             for epoch in range(run.epoch, t.epochs):
                 t_epoch = time.perf_counter()
                 train_set.set_epoch(epoch)
@@ -154,7 +160,8 @@ def _train(cfg: Config, out_dir: Path, resume: bool, track: bool, world: World) 
                     checkpoint.save(out_dir / checkpoint.CHECKPOINT, {
                         "model": model.state_dict(), **optimizers.state_dict(),
                         "rng": checkpoint.rng_state(generator), "run": asdict(run), "config": cfg.to_dict(),
-                        "git_commit": commit,
+                        "git_commit": commit, "fingerprints": prints, "pseudo_labels": _pack(train_set.pseudo),
+                        "labels_diag": labels_diag,
                     })
                     _write_metrics(run, out_dir)
                     tracker.log_metrics(_numeric(row), step=epoch + 1)
@@ -170,8 +177,7 @@ def _train(cfg: Config, out_dir: Path, resume: bool, track: bool, world: World) 
 
 def _relabel_now(cfg: Config, epoch: int, have_labels: bool) -> bool:
     """Whole-image labels are made when the detector starts (after its warm-up), then every
-    ``refresh_epochs``; a resumed run remakes them at once (with ``refresh_epochs`` 1 they are the
-    ones the interrupted run used)."""
+    ``refresh_epochs`` (a resumed run has the interrupted run's labels from its checkpoint)."""
     t, p = cfg.train, cfg.pseudo_labels
     if p.source != "image" or t.detector_target != "pseudo" or epoch < t.detector_warmup_epochs:
         return False
@@ -232,7 +238,8 @@ def _train_epoch(model, optimizers: Optimizers, loader: DataLoader, steps: int, 
     row = {"epoch": epoch + 1, "lr": cfg.train.lr * group["lr"] / group["initial_lr"]}
     row |= {key: sums[key] / counts[key] for key in sorted(sums)}
     # Every CRF label counts in the diagnostic, kept or not: it measures the pseudo labels themselves.
-    row |= {"pseudo_label_iou": iou_of(diag), "pseudo_label_kept": kept / labelled if labelled else math.nan}
+    row |= {"pseudo_label_iou": iou_of(diag) if labelled else math.nan,
+            "pseudo_label_kept": kept / labelled if labelled else math.nan}
     return row | _timing({k: seconds.get(k, 0.0) / n for k in ("step_s", *TIMING_KEYS)})
 
 
@@ -321,7 +328,9 @@ def validate(model, val_set, cfg: Config, runtime: Runtime, pool: CRFPool) -> tu
         right, seen, (clean, fired) = total[0:2].astype(float), total[2:4].astype(float), total[4:6].tolist()
         agreement, det_diag, pseudo_diag = total[6:9], total[9:12], total[12:15]
     terms = selection_terms(agreement, right, seen, clean, fired)
-    diag = {"val_diag_det_iou": iou_of(det_diag), "val_diag_pseudo_iou": iou_of(pseudo_diag)}
+    has_masks = bool(with_mask) or world.enabled  # ranks without masked rows still sum the others' counts
+    diag = {"val_diag_det_iou": iou_of(det_diag) if has_masks else math.nan,
+            "val_diag_pseudo_iou": iou_of(pseudo_diag) if has_masks else math.nan}
     examples = [
         {"rgb": rgbs[i], "cam": cams[i], "pseudo": pseudo[i], "pred": preds[i]}
         for i in range(min(len(rgbs), cfg.evaluate.figure_images))
@@ -334,7 +343,7 @@ def selection_terms(agreement, cls_right, seen, clean: int, fired: int) -> dict[
     ``cls_right``/``seen`` per class (no crack, crack), detector-clean no-crack and detector-firing
     crack images (see ``validate``)."""
     seen = np.asarray(seen, dtype=float)
-    terms = {"val_agreement_iou": _zero_if_nan(iou_of(np.asarray(agreement)))} if seen[1] else {}
+    terms = {"val_agreement_iou": iou_of(np.asarray(agreement))} if seen[1] else {}
     terms["val_cls_accuracy"] = float(np.mean(np.asarray(cls_right, dtype=float)[seen > 0] / seen[seen > 0]))
     detector_right = np.array([clean, fired], dtype=float)
     terms["val_det_accuracy"] = float(np.mean(detector_right[seen > 0] / seen[seen > 0]))
@@ -378,36 +387,79 @@ def _deterministic(runtime: Runtime) -> Iterator[None]:
         torch.backends.cudnn.benchmark = previous[2]
 
 
-def _restore(path: Path, cfg: Config, model, optimizers: Optimizers, generator: torch.Generator,
-             world: World | None = None) -> RunState:
-    """Load ``checkpoint.pt`` into the model, optimisers and random generators (every process
-    restores rank 0's generators)."""
-    from wpcrack.tracking import flatten
+def _take_over(out_dir: Path, cfg: Config, prints: dict[str, str], resume: bool | None, model,
+               optimizers: Optimizers, generator: torch.Generator, train_set, world: World) -> tuple[RunState, dict]:
+    """(run state, last relabelling's diagnostic) to start from: a restored checkpoint, or a fresh
+    run (a stale best.pt removed) when there is none, ``resume`` is False or it cannot be resumed."""
+    path = out_dir / checkpoint.CHECKPOINT
+    if resume is not False and path.is_file():
+        state = checkpoint.load(path)
+        reason = _not_resumable(state, out_dir, cfg, prints, world, strict=resume is True)
+        if reason is None:
+            model.load_state_dict(state["model"])
+            optimizers.load_state_dict(state)
+            checkpoint.set_rng_state(state["rng"], generator)
+            train_set.pseudo = _unpack(state.get("pseudo_labels"))
+            run = RunState(**{**state["run"], "resumed_from_epoch": int(state["run"]["epoch"])})
+            if world.is_main:
+                print(f"{path}: resuming after epoch {run.epoch} of {cfg.train.epochs}", flush=True)
+            return run, dict(state.get("labels_diag") or {})
+        if resume:
+            raise TrainingError(f"{path}: {reason}; train without --resume to start over")
+        if world.is_main:
+            print(f"{path}: {reason}: training from scratch", file=sys.stderr, flush=True)
+    if world.is_main:
+        (out_dir / checkpoint.BEST).unlink(missing_ok=True)  # never let a previous run's model survive
+    return RunState(world_size=world.size), {}
 
-    state = checkpoint.load(path)
-    saved_size, size = int(state["run"].get("world_size", 1)), world.size if world is not None else 1
-    if saved_size != size:
-        raise TrainingError(
-            f"{path}: trained with {saved_size} process(es), this run has {size} (the data shards, steps per "
-            f"epoch and learning-rate schedule depend on it); resume with WPCRACK_NPROC={saved_size} "
-            "(or torchrun --nproc_per_node) or train without --resume to start over"
-        )
-    saved, current = flatten(state["config"]), flatten(cfg.to_dict())
+
+def _not_resumable(state: dict, out_dir: Path, cfg: Config, prints: dict[str, str], world: World,
+                   strict: bool) -> str | None:
+    """Why ``state`` cannot be continued by this run (None: it can)."""
+    from wpcrack.tracking.runs import flatten
+
+    run = state["run"]
+    saved_size = int(run.get("world_size", 1))
+    if saved_size != world.size:
+        return (f"trained with {saved_size} process(es), this run has {world.size} (the data shards, steps per "
+                f"epoch and learning-rate schedule depend on it); resume with WPCRACK_NPROC={saved_size} "
+                "(or torchrun --nproc_per_node)")
+    saved = flatten(checkpoint.training_config(state["config"]))
+    current = flatten(checkpoint.training_config(cfg.to_dict()))
     changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
     if changed:
-        raise TrainingError(
-            f"{path}: trained with another configuration (differs in {', '.join(changed[:8])}); "
-            "train without --resume to start over"
-        )
-    model.load_state_dict(state["model"])
-    optimizers.load_state_dict(state)
-    checkpoint.set_rng_state(state["rng"], generator)
-    return RunState(**state["run"])
+        return f"trained with another configuration (differs in {', '.join(changed[:8])})"
+    saved_prints = state.get("fingerprints") or {}
+    for key, what in (("data", "the prepared data"), ("code", "the training code")):
+        if saved_prints.get(key) != prints[key]:
+            return f"{what} changed since it was written" if key in saved_prints else f"it records no {key} fingerprint"
+    if not strict and int(run["epoch"]) >= cfg.train.epochs:
+        return f"its run finished ({run['epoch']} of {cfg.train.epochs} epochs)"
+    if int(run.get("best_epoch", 0)):
+        best = out_dir / checkpoint.BEST
+        best_epoch = checkpoint.load(best).get("epoch") if best.is_file() else None
+        if best_epoch != run["best_epoch"]:
+            return f"{best} of epoch {run['best_epoch']} is missing or replaced"
+    return None
+
+
+def _pack(labels: dict[int, np.ndarray]) -> torch.Tensor:
+    """Whole-image pseudo labels as one compressed npz in a uint8 tensor (a few MB: mostly zeros)."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **{str(k): v for k, v in labels.items()})
+    return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+
+
+def _unpack(packed: torch.Tensor | None) -> dict[int, np.ndarray]:
+    if packed is None or packed.numel() == 0:
+        return {}
+    with np.load(io.BytesIO(packed.numpy().tobytes())) as npz:
+        return {int(k): npz[k] for k in npz.files}
 
 
 def _write_config(cfg: Config, out_dir: Path) -> str:
     """config.yaml: the resolved configuration, with the git commit as a comment (stays loadable)."""
-    from wpcrack.tracking import git_commit
+    from wpcrack.tracking.runs import git_commit
 
     commit = git_commit()
     with atomic_path(out_dir / "config.yaml") as tmp:
@@ -436,6 +488,7 @@ def _write_metrics(run: RunState, out_dir: Path, write: bool = True) -> dict[str
         "epochs": run.epoch,
         "steps": run.step,
         "processes": run.world_size,
+        "resumed_from_epoch": run.resumed_from_epoch,
         "train_seconds": run.seconds.get("wall_s", 0.0),  # summed epoch wall time (a resumed run adds up)
         "hardware": _hardware(),
         "best_epoch": run.best_epoch,
@@ -480,7 +533,7 @@ def _summary(row: dict[str, float], run: RunState, epochs: int) -> str:
 
 
 class _NoTracker:
-    """Stands in for ``wpcrack.tracking.Tracker`` when tracking is off."""
+    """Stands in for ``wpcrack.tracking.runs.Tracker`` when tracking is off."""
 
     def __getattr__(self, name: str):
         return lambda *args, **kwargs: None
@@ -492,7 +545,7 @@ def _tracking(cfg: Config, track: bool) -> Iterator[Any]:
     if not track:
         yield _NoTracker()
         return
-    from wpcrack.tracking import start_run
+    from wpcrack.tracking.runs import start_run
 
     key = cfg.dataset if cfg.variant == "full" else f"{cfg.dataset}-{cfg.variant}"
     with start_run(cfg, stage=f"train@{key}") as tracker:

@@ -43,11 +43,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from wpcrack.cam import crack_cam
+from wpcrack.method.cam import crack_cam
 from wpcrack.config import Config
 from wpcrack.errors import TrainingError
-from wpcrack.losses import classifier_loss, detector_loss, reconstructor_loss
-from wpcrack.pseudo_labels import CRFHandle, CRFPool
+from wpcrack.method.losses import classifier_loss, detector_loss, reconstructor_loss
+from wpcrack.method.pseudo_labels import CRFHandle, CRFPool
 from wpcrack.train.distributed import SINGLE, World, average_gradients
 from wpcrack.train.optim import Optimizers, set_train_mode
 

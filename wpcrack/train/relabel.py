@@ -15,9 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wpcrack.cam import crack_cam
+from wpcrack.method.cam import crack_cam
 from wpcrack.config import Config
-from wpcrack.pseudo_labels import CRFPool, confusion, crack_pixels, iou_of
+from wpcrack.method.pseudo_labels import CRFPool, confusion, crack_pixels, iou_of
 
 BATCH = 16
 
@@ -77,4 +77,4 @@ def refresh(model: torch.nn.Module, dataset, cfg: Config, runtime, pool: CRFPool
     with_mask = [i for i in crack_rows if raws[i][2]]
     diag = confusion([labels[i] for i in with_mask], [raws[i][1] for i in with_mask])
     kept = sum(crack_pixels(labels[i]) >= p.min_pixels for i in crack_rows)
-    return {"pseudo_label_iou": iou_of(diag), "pseudo_label_kept": kept / len(crack_rows) if crack_rows else float("nan")}
+    return {"pseudo_label_iou": iou_of(diag) if with_mask else float("nan"), "pseudo_label_kept": kept / len(crack_rows) if crack_rows else float("nan")}

@@ -1,6 +1,6 @@
 """The GPU check: one command that a GPU machine runs from a fresh copy of the repository.
 
-``python -m wpcrack.gpu_check --out DIR [--dry-run] [--budget-s N]`` (``make gpu-check OUT=DIR``)
+``python -m wpcrack.diagnostics.gpu_check --out DIR [--dry-run] [--budget-s N]`` (``make gpu-check OUT=DIR``)
 runs, in this order and each in a process of its own with a timeout:
 
 1. ``env``: Python, torch, CUDA, the GPU, and the packages wpcrack needs; missing ones are installed
@@ -14,7 +14,7 @@ runs, in this order and each in a process of its own with a timeout:
 4. ``train``: the ``paper`` profile (ResNet38d, 256 px crops, batch 4, bf16 autocast, channels_last,
    the CRF pool) for a few hundred steps through ``wpcrack.train.loop.train``: images/s, time per
    step, the CRF pool's wait share, peak GPU memory;
-5. ``benchmark``: ``wpcrack.benchmark.benchmark`` on the trained model at 256x256 for batch 1/8/32 in
+5. ``benchmark``: ``wpcrack.diagnostics.benchmark.benchmark`` on the trained model at 256x256 for batch 1/8/32 in
    fp32, bf16 and bf16 + channels_last (eager);
 6. ``evaluate``: ``wpcrack.evaluate.run.evaluate`` on the test split (MLflow tracking off);
 7. ``benchmark_compiled``: the bf16 + channels_last rows under ``torch.compile``, last and in a
@@ -55,7 +55,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PARAMS = REPO / "params.yaml"
 JSON_NAME, MD_NAME, LOG_NAME = "gpu_check.json", "gpu_check.md", "gpu_check.log"
 SCHEMA = 1
@@ -130,7 +130,7 @@ class Check:
             "finished": None,
             "wall_s": 0.0,
             "budget_s": self.budget,
-            "command": " ".join([Path(sys.executable).name, "-m", "wpcrack.gpu_check", *sys.argv[1:]]),
+            "command": " ".join([Path(sys.executable).name, "-m", "wpcrack.diagnostics.gpu_check", *sys.argv[1:]]),
             "git_commit": _git_commit(),
             "host": {"machine": platform.node(), "cpu_cores": os.cpu_count()},
             "environment": {},
@@ -249,7 +249,7 @@ class Check:
         spec_path.parent.mkdir(parents=True, exist_ok=True)
         spec_path.write_text(json.dumps(spec, indent=1))
         result_path.unlink(missing_ok=True)
-        self.spawn(name, [self.python, "-m", "wpcrack.gpu_check", "--step", spec["step"], "--spec", str(spec_path),
+        self.spawn(name, [self.python, "-m", "wpcrack.diagnostics.gpu_check", "--step", spec["step"], "--spec", str(spec_path),
                           "--result", str(result_path)], timeout)
         return json.loads(result_path.read_text())
 
@@ -753,7 +753,7 @@ def step_benchmark(spec: dict) -> dict:
     """``benchmark()`` of the trained model for each batch size in turn, into ``<out>/b<batch>/``."""
     import dataclasses
 
-    from wpcrack.benchmark import benchmark
+    from wpcrack.diagnostics.benchmark import benchmark
     from wpcrack.evaluate.inference import load_trained
 
     cfg = _config(spec)
@@ -768,9 +768,9 @@ def step_benchmark(spec: dict) -> dict:
 
 
 def step_evaluate(spec: dict) -> dict:
-    # MLflow tracking off, as `train(track=False)`: evaluate() skips it when wpcrack.tracking cannot be
+    # MLflow tracking off, as `train(track=False)`: evaluate() skips it when wpcrack.tracking.runs cannot be
     # imported (no MLflow), and the check must not write runs into anyone's store.
-    sys.modules["wpcrack.tracking"] = None  # type: ignore[assignment]
+    sys.modules["wpcrack.tracking.runs"] = None  # type: ignore[assignment]
     from wpcrack.evaluate.run import evaluate
 
     t0 = time.perf_counter()
@@ -911,7 +911,7 @@ def _summary(cases: dict[str, str], reasons: dict[str, str]) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m wpcrack.gpu_check", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m wpcrack.diagnostics.gpu_check", description=__doc__.splitlines()[0])
     p.add_argument("--out", help="folder for gpu_check.json, gpu_check.md and gpu_check.log (created)")
     p.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU (CI): every phase, no GPU")
     p.add_argument("--budget-s", type=float, help=f"stop by itself within this many seconds (default "

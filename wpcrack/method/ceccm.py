@@ -73,7 +73,7 @@ def ceccm_loss(
 ) -> Tensor:
     """Mean |M_CG - M_CG^rec| over batch and pixels (eq. 20); zero for an empty batch.
 
-    Both CAMs are normalised crack CAMs (``wpcrack.cam.crack_cam``) of the same crack images at the
+    Both CAMs are normalised crack CAMs (``wpcrack.method.cam.crack_cam``) of the same crack images at the
     same size. Gradients flow into whichever input requires them.
     """
     a, b = _as_maps(cam_cls), _as_maps(cam_rec)

@@ -2,7 +2,7 @@
 
 ``pseudo_labels.method``:
 - ``crf``: the paper's denseCRF refinement of the CAM;
-- ``darkness``: the locally dark pixels (``wpcrack.darkness``) inside the CAM's crack region
+- ``darkness``: the locally dark pixels (``wpcrack.method.darkness``) inside the CAM's crack region
   (CAM > ``cam_threshold``). The CAM says where a crack is, the darkness how wide it is: a CAM
   cell is 8 px wide, a crack 1-3 px, and the CRF's smoothness erases thin, faint cracks.
 Labels are uint8 {0 crack-free, 1 crack, ``IGNORE`` no loss}; ``ignore_band`` > 0 marks the
@@ -22,6 +22,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 import numpy as np
 
 from wpcrack.config import PseudoLabelConfig
+from wpcrack.evaluate.metrics import scores
 
 # unary_from_softmax's clip: -log(1e-5) bounds the unary of a zero probability.
 _PROB_CLIP = 1e-5
@@ -33,7 +34,7 @@ def make_label(rgb: np.ndarray, cam: np.ndarray, cfg: PseudoLabelConfig) -> np.n
     if rgb.shape[:2] != cam.shape:
         raise ValueError(f"image is {rgb.shape[1]}x{rgb.shape[0]} but its CAM is {cam.shape[1]}x{cam.shape[0]}")
     if cfg.method == "darkness":
-        from wpcrack.darkness import dark_pixels
+        from wpcrack.method.darkness import dark_pixels
 
         label = dark_pixels(rgb, cfg.darkness) & (np.asarray(cam, np.float32) > cfg.cam_threshold)
         label = label.astype(np.uint8)
@@ -172,9 +173,9 @@ def confusion(labels: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> np.n
 
 
 def iou_of(counts: np.ndarray) -> float:
-    """TP / (TP + FP + FN); NaN when both sides are empty everywhere."""
-    union = int(counts.sum())
-    return float(counts[0]) / union if union else float("nan")
+    """TP / (TP + FP + FN) of [TP, FP, FN] counts by the evaluation's rule (0/0 is 0): one IoU for
+    labels, validation and test scores. Callers with no labelled image at all report NaN themselves."""
+    return float(scores(np.append(np.asarray(counts, dtype=np.int64), 0))["iou"])
 
 
 def pseudo_label_iou(labels: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> float:

@@ -168,14 +168,14 @@ class Tracker:
             mlflow_client.set_tag(self.run_id, key, str(value))
 
     def log_detector(self, slim_model, input_example: Any = None) -> int | None:
-        """Log the detector as a pyfunc (``wpcrack.serving``) with signature and input example,
+        """Log the detector as a pyfunc (``wpcrack.deploy.serving``) with signature and input example,
         register it as ``<prefix>-<dataset>`` and return the new version (None when
         ``tracking.log_models`` is off). ``slim_model`` may be a SlimDetector or a WPCrackNet."""
         if not self.cfg.tracking.log_models:
             return None
         import wpcrack
-        from wpcrack import serving
-        from wpcrack.detection import DEFAULT_GATE
+        from wpcrack.deploy import serving
+        from wpcrack.deploy.detection import DEFAULT_GATE
 
         mlflow = mlflow_module()
         name = model_name(self.cfg.tracking.model_name_prefix, self.cfg.dataset)

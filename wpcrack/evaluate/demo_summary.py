@@ -19,7 +19,7 @@ def main(params: str = "params.yaml", dataset: str = "synthetic") -> int:
     print(f"  tables     {reports / dataset}/ablation.md, comparison.md")
     print(f"  benchmark  {reports / 'benchmark' / dataset}.md (.json)")
     print(f"  figures    {Path(cfg.paths.results) / dataset}/<variant>/figure.png, curves.png (PR + training curves, offline)")
-    print(f"  metrics    dvc metrics show   |   plots: dvc plots show --json")
+    print("  metrics    dvc metrics show   |   plots: dvc plots show --json")
     print("  MLflow     .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000")
     print("             then open http://127.0.0.1:5000")
     return 0

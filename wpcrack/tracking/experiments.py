@@ -42,7 +42,7 @@ def _changed_from(train: pd.DataFrame, columns: list[str], params_file: Path, da
     what it changed)."""
     from wpcrack.config import load_config
     from wpcrack.errors import WpcrackError
-    from wpcrack.tracking import flatten
+    from wpcrack.tracking.runs import flatten
 
     changed: set[str] = set()
     for variant in train.get("params.variant", pd.Series(dtype=str)).dropna().unique():
@@ -61,7 +61,7 @@ def experiment_rows(dataset: str, experiment: str = "wpcrack", params_file: Path
     Shown parameters: those that differ between the rows and, with ``params_file``, those where a row
     differs from what that file now sets.
     """
-    from wpcrack.tracking import client, search_runs
+    from wpcrack.tracking.runs import client, search_runs
 
     runs = search_runs(experiment, dataset=dataset)
     if runs.empty or "tags.stage" not in runs:
@@ -124,7 +124,7 @@ def write_experiments(datasets: list[str], pages_dir: Path, index: Path, experim
     frames = {dataset: experiment_rows(dataset, experiment, params_file) for dataset in datasets}
     starts = [d for df in frames.values() if not df.empty for d in df["started (UTC)"]]
     if not starts:
-        from wpcrack.tracking import tracking_uri
+        from wpcrack.tracking.runs import tracking_uri
 
         raise WpcrackError(f"the MLflow store {tracking_uri()} holds no training run of {', '.join(datasets)}; "
                            "nothing to write")

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from wpcrack.detection import ONNX_CONFIG_KEY, ONNX_SIZE_MULTIPLE, load_model_dir, load_onnx
+from wpcrack.deploy.detection import ONNX_CONFIG_KEY, ONNX_SIZE_MULTIPLE, load_model_dir, load_onnx
 from wpcrack.errors import DataError
 from wpcrack.io import atomic_path, write_json
 

@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from wpcrack.cam import crack_labels
-from wpcrack.ceccm import ceccm_loss
+from wpcrack.method.cam import crack_labels
+from wpcrack.method.ceccm import ceccm_loss
 from wpcrack.config import CECCMConfig, LossConfig
 from wpcrack.models.backbones import upsample_to_input
-from wpcrack.pseudo_labels import IGNORE
+from wpcrack.method.pseudo_labels import IGNORE
 
 
 def one_hot(labels: Tensor) -> Tensor:

@@ -14,24 +14,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 
 from wpcrack.config import Config
 from wpcrack.errors import ConfigError, DataError
 from wpcrack.evaluate.tables import to_markdown
+from wpcrack.geometry import resize_image, scaled_size
 from wpcrack.io import atomic_path, read_image
 
 
 def shrink(rgb: np.ndarray, factor: float) -> np.ndarray:
-    h, w = rgb.shape[:2]
-    return cv2.resize(rgb, (max(round(w / factor), 1), max(round(h / factor), 1)), interpolation=cv2.INTER_AREA)
+    return resize_image(rgb, scaled_size(rgb.shape, 1 / factor))
 
 
 def blur(rgb: np.ndarray, factor: float) -> np.ndarray:
-    h, w = rgb.shape[:2]
-    return cv2.resize(shrink(rgb, factor), (w, h), interpolation=cv2.INTER_LINEAR)
+    return resize_image(shrink(rgb, factor), rgb.shape[:2])
 
 
 def _views(factor: float) -> dict[str, Callable[[np.ndarray], np.ndarray]]:

@@ -208,8 +208,8 @@ def device_modes() -> list[tuple[str, str]]:
 
 def _onnx_copy(slim: torch.nn.Module, cfg: Config, folder: Path) -> torch.nn.Module:
     """The slim model exported to ONNX (``wpcrack export``) and loaded into ONNX Runtime."""
-    from wpcrack.detection import load_onnx
-    from wpcrack.export import export_onnx
+    from wpcrack.deploy.detection import load_onnx
+    from wpcrack.deploy.export import export_onnx
 
     path = export_onnx(slim, cfg, folder / "slim.onnx", size=cfg.benchmark.size)
     return load_onnx(path)[0]
@@ -250,7 +250,7 @@ def benchmark(cfg: Config, model_dir: Path, out_dir: Path, model: torch.nn.Modul
     """Measure the trained model of ``model_dir`` (or ``model``); write ``<dataset>.json`` and ``.md``.
 
     ``modes``: the (device, mode) pairs to measure (default ``device_modes()``); the GPU check
-    (``wpcrack.gpu_check``) measures the eager and the compiled GPU rows in separate processes.
+    (``wpcrack.diagnostics.gpu_check``) measures the eager and the compiled GPU rows in separate processes.
     """
     if model is None:
         from wpcrack.evaluate.inference import load_trained

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from wpcrack.detection import (
+from wpcrack.deploy.detection import (
     DEFAULT_GATE,
     check_gate,
     check_scales,
@@ -200,7 +200,7 @@ def crack_stats(mask: np.ndarray, mm_per_pixel: float | None = None) -> dict[str
 
 def model_uri(model: str, dataset: str, prefix: str) -> str | None:
     """The MLflow URI ``model`` names (``champion`` = the dataset's champion alias), or None for a path."""
-    from wpcrack.tracking import CHAMPION, model_name
+    from wpcrack.tracking.runs import CHAMPION, model_name
 
     if model == CHAMPION:
         return f"models:/{model_name(prefix, dataset)}@{CHAMPION}"
@@ -214,7 +214,7 @@ def load_registered(uri: str) -> tuple[torch.nn.Module, Config]:
     from mlflow.exceptions import MlflowException
 
     from wpcrack.errors import WpcrackError
-    from wpcrack.tracking import mlflow_module
+    from wpcrack.tracking.runs import mlflow_module
 
     mlflow = mlflow_module()
     try:

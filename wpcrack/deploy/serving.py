@@ -2,7 +2,7 @@
 
 Request: a DataFrame (REST: ``dataframe_records``) with one string column ``image`` holding
 base64-encoded PNG or JPEG bytes, one row per image, any size. Large images are tiled exactly as
-``wpcrack predict`` does (``wpcrack.detection.probability_map``). Response, per row:
+``wpcrack predict`` does (``wpcrack.deploy.detection.probability_map``). Response, per row:
 ``mask`` (base64 PNG, 0/255, the image's size) and ``crack_share`` (crack pixels / all pixels).
 Optional params: ``threshold`` (crack probability; default: the model's ``evaluate.threshold``) and
 ``gate`` (classifier probability below which a tile is skipped; 0 keeps every tile).
@@ -27,7 +27,7 @@ import pandas as pd
 from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
 
-from wpcrack.detection import DEFAULT_GATE, device, load_resolved_config, load_slim, probability_map, save_detector
+from wpcrack.deploy.detection import DEFAULT_GATE, device, load_resolved_config, load_slim, probability_map, save_detector
 
 INPUT_COLUMN = "image"
 WEIGHTS_ARTIFACT = "weights"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -27,7 +26,8 @@ from wpcrack.config import Config, PseudoLabelConfig
 from wpcrack.errors import ConfigError, DataError
 from wpcrack.evaluate.tables import to_markdown
 from wpcrack.io import atomic_path
-from wpcrack.pseudo_labels import confusion, iou_of, refine
+from wpcrack.evaluate.metrics import scores
+from wpcrack.method.pseudo_labels import confusion, refine
 
 TUNABLE = ("bg_power", "gaussian_sxy", "gaussian_compat", "bilateral_sxy", "bilateral_srgb", "bilateral_compat",
            "iterations")
@@ -99,12 +99,11 @@ def _samples(cfg: Config, split: str, crop: int | None, limit: int, seed: int) -
 
 
 def _scores(labels: list[np.ndarray], masks: list[np.ndarray]) -> dict[str, float]:
-    counts = confusion(labels, masks)
-    tp, fp, fn = (int(v) for v in counts)
+    counts = scores(np.append(confusion(labels, masks), 0))
     return {
-        "IoU": iou_of(counts),
-        "precision": tp / (tp + fp) if tp + fp else math.nan,
-        "recall": tp / (tp + fn) if tp + fn else math.nan,
+        "IoU": float(counts["iou"]),
+        "precision": float(counts["precision"]),
+        "recall": float(counts["recall"]),
         "non-empty": float(np.mean([label.any() for label in labels])),
     }
 

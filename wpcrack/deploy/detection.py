@@ -1,7 +1,7 @@
 """The trained detector as a function of an image: loading a model folder and the probability map.
 
 Shared by ``wpcrack predict``, the evaluation's gated scores and the MLflow pyfunc wrapper
-(``wpcrack.serving``); it knows nothing of MLflow, so the imports run one way:
+(``wpcrack.deploy.serving``); it knows nothing of MLflow, so the imports run one way:
 predict -> tracking -> serving -> detection.
 """
 
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from wpcrack.errors import DataError
+from wpcrack.geometry import resize_image, resize_map, scaled_size
 
 if TYPE_CHECKING:
     from wpcrack.config import Config
@@ -140,18 +141,13 @@ def probability_map(detector: torch.nn.Module, rgb: np.ndarray, cfg: Config, gat
                     scales: Sequence[float] = (1.0,)) -> tuple[np.ndarray, int, int]:
     """(crack probabilities float32 HxW, tiles, tiles skipped) of one RGB image of any size: the
     mean over ``scales`` of the prediction of the image resized by each, resized back."""
-    import cv2
-
     from wpcrack.evaluate.inference import predict_image
 
     gated = GatedDetector(detector, check_gate(gate))
-    h, w = rgb.shape[:2]
-    total = np.zeros((h, w), dtype=np.float32)
+    total = np.zeros(rgb.shape[:2], dtype=np.float32)
     for scale in check_scales(scales):
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        image = rgb if size == (w, h) else cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-        prob = predict_image(gated, image, cfg)
-        total += prob if prob.shape == (h, w) else cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR)
+        prob = predict_image(gated, resize_image(rgb, scaled_size(rgb.shape, scale)), cfg)
+        total += resize_map(prob, rgb.shape[:2])
     return total / len(scales), gated.tiles, gated.skipped
 
 
