@@ -139,6 +139,13 @@ def _metric(path: Path, mode: str = "detector", metric: str = "iou") -> float:
     return float(json.loads(path.read_text())[mode][metric])
 
 
+def _evaluated(path: Path, weights_md5: str | None) -> bool:
+    """Whether ``metrics.json`` scored the weights with this digest (evaluate writes it)."""
+    if not path.is_file() or weights_md5 is None:
+        return False
+    return json.loads(path.read_text()).get("model", {}).get("weights_md5") == weights_md5
+
+
 @task(name="promote-challenger", cache_policy=NO_CACHE)
 def promote_challenger(
     root: str,
@@ -151,8 +158,9 @@ def promote_challenger(
     report: pd.DataFrame | None = None,
 ) -> dict[str, Any]:
     """Compare the newest registered version (registered after ``since_ms``, if given) with the
-    champion on test IoU (``results/<dataset>/<variant>/metrics.json``); move ``champion`` only if
-    it is not worse; record the decision, both scores and ``report`` in an MLflow run."""
+    champion on test IoU (``results/<dataset>/<variant>/metrics.json``, which must have been measured
+    on that version's weights); move ``champion`` only if it is not worse; record the decision, both
+    scores and ``report`` in an MLflow run."""
     from wpcrack.tracking import runs as tracking
     from wpcrack.config import load_config
 
@@ -167,8 +175,13 @@ def promote_challenger(
     if challenger is None or (since_ms is not None and challenger.creation_timestamp < since_ms):
         decision["decision"] = "no_new_model"
         print(f"{name}: no new model version (training up to date, or tracking.log_models is off)")
+    elif not _evaluated(metrics_path := Path(root) / cfg.paths.results / dataset / variant / "metrics.json",
+                        challenger.tags.get(tracking.WEIGHTS_TAG)):
+        decision.update(challenger_version=int(challenger.version), decision="metrics_not_of_challenger")
+        print(f"{name}: {metrics_path} was not measured on v{challenger.version} (weights digest differs): "
+              "nothing promoted; run `dvc repro evaluate@<run>` for this model first")
     else:
-        iou = _metric(Path(root) / cfg.paths.results / dataset / variant / "metrics.json")
+        iou = _metric(metrics_path)
         if promote:
             result = tracking.set_champion_if_not_worse(name, challenger.version, iou)
         else:

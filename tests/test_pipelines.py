@@ -126,9 +126,11 @@ class FakeStages:
         self.root, self.ious, self.calls = root, list(ious), []
         self.name = _model(root)
         self.change_test_split = False
+        self.evaluate_stale_model = False  # evaluate scores the previous version's weights
+        self.trained = None
 
     def __call__(self, targets, cwd=".", gpu=False):
-        from wpcrack.tracking.runs import client
+        from wpcrack.tracking.runs import WEIGHTS_TAG, client
 
         (target,) = targets
         self.calls.append((target, gpu))
@@ -149,11 +151,15 @@ class FakeStages:
                 mlflow_client.create_registered_model(self.name)
             version = mlflow_client.create_model_version(self.name, str(self.root),
                                                          tags={"dataset": DATASET, "variant": "full"})
+            mlflow_client.set_model_version_tag(self.name, version.version, WEIGHTS_TAG, f"digest v{version.version}")
+            self.trained = version.version
             (_mkdir(self.root / "models" / DATASET / "full") / "best.pt").write_text(f"weights v{version.version}")
             (self.root / "dvc.lock").write_text(f"lock of v{version.version}\n")
         elif stage == "evaluate":
             out = _mkdir(self.root / "results" / DATASET / "full")
-            (out / "metrics.json").write_text(json.dumps({"detector": {"iou": self.ious.pop(0)}}))
+            evaluated = self.trained if not self.evaluate_stale_model else int(self.trained) - 1
+            (out / "metrics.json").write_text(json.dumps({"detector": {"iou": self.ious.pop(0)},
+                                                          "model": {"weights_md5": f"digest v{evaluated}"}}))
         return ""
 
 
@@ -233,6 +239,20 @@ def test_worse_challenger_is_not_promoted_and_old_data_versions_restore(project,
     assert len(pd.read_csv(manifest)) == 8
     retrain.restore(project, DATASET, 1)
     assert len(pd.read_csv(manifest)) == 4
+
+
+def test_metrics_of_other_weights_never_promote(project, fake_stages, prefect_server, tmp_path):
+    """evaluate scored another model than the newest version (e.g. a stale results/ folder): the
+    comparison would be meaningless, so nothing is promoted and the champion's files come back."""
+    retrain = prefect_server["retrain"]
+    assert retrain.retrain(str(_good_batch(tmp_path / "b1", seed=4)), dataset=DATASET, root=str(project))["promoted"]
+    champion = _champion(project)
+    served = _tree(project, "models", "results", "dvc.lock", "data/prepared")
+    fake_stages.evaluate_stale_model = True
+    second = retrain.retrain(str(_good_batch(tmp_path / "b2", seed=5)), dataset=DATASET, root=str(project))
+    assert second["decision"] == "metrics_not_of_challenger" and not second["promoted"]
+    assert _champion(project) == champion
+    assert _tree(project, "models", "results", "dvc.lock", "data/prepared") == served
 
 
 def test_bad_files_are_quarantined_exactly_and_no_source_is_lost(project, prefect_server, tmp_path):

@@ -71,6 +71,19 @@ def load_model_dir(path: str | Path) -> tuple[torch.nn.Module, Config]:
     return load_trained(folder, inference_copy(cfg), device()).slim(), cfg
 
 
+def weights_digest(detector: torch.nn.Module) -> str:
+    """md5 of a detector's weights (every tensor of its state dict, in order): the registry tags each
+    version with it and evaluate writes it into metrics.json, so a promotion can check that the
+    scores it compares were measured on the version it promotes."""
+    import hashlib
+
+    digest = hashlib.md5()
+    for key, value in detector.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_detector(detector: torch.nn.Module, cfg: Config, folder: Path) -> tuple[Path, Path]:
     """Write a SlimDetector's weights and the resolved config into ``folder``: (weights, config)."""
     from wpcrack.config import dump_config

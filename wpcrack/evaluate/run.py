@@ -90,7 +90,7 @@ def evaluate(cfg: Config, model_dir: Path, out_dir: Path) -> dict:
     accs = {m: ConfusionAccumulator(cfg.evaluate.threshold, cfg.evaluate.pr_thresholds) for m in MODES}
     shown = set(pick_rows(len(rows), cfg.evaluate.figure_images))
     figure_rows = []
-    from wpcrack.deploy.detection import GatedDetector
+    from wpcrack.deploy.detection import GatedDetector, weights_digest
 
     gated = GatedDetector(model.slim(), GATE)
     start = time.perf_counter()
@@ -114,6 +114,7 @@ def evaluate(cfg: Config, model_dir: Path, out_dir: Path) -> dict:
 
     metrics = {m: acc.summary() for m, acc in accs.items()}
     metrics["protocol"] = protocol(cfg)
+    metrics["model"] = {"weights_md5": weights_digest(model.slim())}
     metrics["gate"] = {"threshold": GATE, "tiles": gated.tiles, "skipped": gated.skipped}
     write_json(out_dir / "metrics.json", metrics)
     train = model_dir / "train_metrics.json"

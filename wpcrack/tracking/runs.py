@@ -175,7 +175,7 @@ class Tracker:
             return None
         import wpcrack
         from wpcrack.deploy import serving
-        from wpcrack.deploy.detection import DEFAULT_GATE
+        from wpcrack.deploy.detection import DEFAULT_GATE, weights_digest
 
         mlflow = mlflow_module()
         name = model_name(self.cfg.tracking.model_name_prefix, self.cfg.dataset)
@@ -195,7 +195,7 @@ class Tracker:
             )
         version = int(info.registered_model_version)
         mlflow_client = mlflow.MlflowClient()
-        for key, value in self.tags.items():
+        for key, value in {**self.tags, WEIGHTS_TAG: weights_digest(detector)}.items():
             if not key.startswith("mlflow."):
                 mlflow_client.set_model_version_tag(name, str(version), key, value)
         self.set_tags({"registered_model": name, "model_version": version})
@@ -271,6 +271,9 @@ class Promotion(NamedTuple):
     promoted: bool
     champion_iou: float | None  # the champion's test IoU before the decision (None: no champion)
     challenger_iou: float
+
+
+WEIGHTS_TAG = "weights_md5"  # model version tag: deploy.detection.weights_digest of the registered detector
 
 
 def score_tag(metric: str = "iou") -> str:
