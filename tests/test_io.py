@@ -1,8 +1,10 @@
 """Atomic writes: all or nothing, with the usual file mode."""
 
+import errno
 import os
 
 import pytest
+import torch
 
 from wpcrack.io import atomic_dir, atomic_path
 
@@ -14,6 +16,24 @@ def test_atomic_path_failure_leaves_nothing(tmp_path):
             tmp.write_text("half")
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """``torch.save`` failing with ENOSPC half-way leaves the last good checkpoint untouched."""
+    from wpcrack.train import checkpoint
+
+    target = tmp_path / "checkpoint.pt"
+    checkpoint.save(target, {"epoch": 1, "w": torch.ones(3)})
+    real_save = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        real_save(obj, path, *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save(target, {"epoch": 2, "w": torch.zeros(3)})
+    assert checkpoint.load(target)["epoch"] == 1 and [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
 def test_atomic_path_gives_umask_mode(tmp_path):
