@@ -31,6 +31,29 @@ def test_resolution_order_base_profile_variant_override():
     assert (cfg.train.epochs, cfg.train.adversarial, cfg.train.lr) == (4, False, 0.1)
 
 
+def test_dataset_overrides_apply_under_their_profile_only():
+    raw = {
+        "datasets": {"cfd": {"profile": "p", "overrides": {"p": {"train": {"epochs": 5}}, "q": {"train": {"lr": 9.0}}}},
+                     "deepcrack": {"profile": "p"}},
+        "train": {"epochs": 1, "lr": 0.1},
+        "profiles": {"p": {"train": {"epochs": 2}}, "q": {}},
+        "variants": {"full": {}, "v": {"train": {"adversarial": False}}, "w": {"train": {"epochs": 7}}},
+    }
+    assert resolve(raw, "cfd").train.epochs == 5 and resolve(raw, "cfd").train.lr == 0.1
+    assert resolve(raw, "deepcrack").train.epochs == 2
+    assert resolve(raw, "cfd", "v").train.epochs == 5  # dataset < variant < command line
+    assert resolve(raw, "cfd", "w").train.epochs == 7
+    assert resolve(raw, "cfd", overrides=["train.epochs=6"]).train.epochs == 6
+    other = resolve(raw, "cfd", profile="q")
+    assert other.train.epochs == 1 and other.train.lr == 9.0
+    raw["datasets"]["cfd"]["overrides"]["p"] = {"train": {"epoch": 5}}
+    with pytest.raises(ConfigError, match="unknown key"):
+        resolve(raw, "cfd")
+    raw["datasets"]["cfd"]["overrides"]["p"] = {"profiles": {}}
+    with pytest.raises(ConfigError, match="cannot be overridden per dataset"):
+        resolve(raw, "cfd")
+
+
 def test_paper_profile_is_resnet38d_256_batch4_200_epochs():
     cfg = load_config(PARAMS, "deepcrack", profile="paper")
     assert (cfg.model.backbone, cfg.train.crop_size, cfg.train.batch_size, cfg.train.epochs) == (

@@ -68,3 +68,33 @@ def test_refresh_labels_every_crack_row_in_train_mode_afterwards(manifest, metho
     assert 0.0 <= diag["pseudo_label_iou"] <= 1.0 and 0.0 <= diag["pseudo_label_kept"] <= 1.0
     assert all(m.training for m in model.modules())
     assert dataset[crack_rows[0]]["has_pseudo"] is True
+
+
+def test_self_training_labels_are_the_detectors_own_masks(manifest):
+    from wpcrack.data.datasets import normalize
+    from wpcrack.train.finetune import detector_labels, make_labels
+
+    torch.manual_seed(0)
+    cfg = load_config(PARAMS, dataset="synthetic", variant="full", profile="smoke",
+                      overrides=[*TINY, "train.finetune_epochs=1", "train.finetune_labels=detector"])
+    model = build_model(cfg)
+    dataset = WeakDataset(manifest, "train", crop_size=32, augment=True, seed=0)
+    last = [m for m in model.detector.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))][-1]
+    model.eval()
+    with torch.no_grad():  # centre the untrained detector's logits so that it marks about half the pixels
+        logits = model(normalize(torch.from_numpy(dataset.raw(0)[0][None])))
+        last.bias -= logits.median()
+    diag = detector_labels(model, dataset, cfg, Runtime(torch.device("cpu")))
+    crack_rows = [i for i, label in enumerate(dataset.labels) if label == 1]
+    assert sorted(dataset.pseudo) == crack_rows
+    model.eval()
+    for i in crack_rows:
+        rgb = dataset.raw(i)[0]
+        with torch.no_grad():
+            expected = (torch.sigmoid(model(normalize(torch.from_numpy(rgb[None]))))[0, 0] > 0.5).numpy()
+        assert np.array_equal(dataset.pseudo[i], expected.astype(np.uint8))
+        assert 0 < dataset.pseudo[i].sum() < dataset.pseudo[i].size  # an untrained detector marks some pixels
+    assert 0.0 <= diag["pseudo_label_iou"] <= 1.0
+    supervised = load_config(PARAMS, dataset="synthetic", variant="supervised", profile="smoke",
+                             overrides=[*TINY, "train.finetune_epochs=1"])
+    assert make_labels(model, dataset, supervised, Runtime(torch.device("cpu")), None) == {} and dataset.pseudo == {}

@@ -116,6 +116,51 @@ def test_resume_after_a_kill_ends_with_the_same_weights(tiny_data, tmp_path, mon
         {k: v for k, v in r.items() if k not in timing} for r in resumed]
 
 
+FINETUNE = ("train.finetune_epochs=2", "train.finetune_crop_size=48", *IMAGE_LABELS)
+
+
+def test_finetuning_starts_from_the_best_model_and_resumes_exactly(tiny_data, tmp_path, monkeypatch):
+    """Fine-tuning epochs follow the three-phase ones, start from best.pt and are selected like
+    them; killed inside fine-tuning, the run continues to the same weights."""
+    cfg = _cfg(tiny_data, *FINETUNE)
+    real_labels, real_step = loop.finetune.make_labels, loop.finetune.finetune_step
+    started_from = {}
+
+    def spy(model, dataset, *args):
+        best = checkpoint.load(tmp_path / "straight" / "best.pt")["model"]
+        started_from["best"] = all(torch.equal(best[k], v) for k, v in model.state_dict().items())
+        return real_labels(model, dataset, *args)
+
+    monkeypatch.setattr(loop.finetune, "make_labels", spy)
+    straight = train(cfg, tmp_path / "straight", track=False)
+    monkeypatch.setattr(loop.finetune, "make_labels", real_labels)
+    assert started_from == {"best": True}
+    assert straight["epochs"] == 5 and straight["steps"] == 10
+    rows = list(csv.DictReader((tmp_path / "straight" / "history.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5] and all(r["val_score"] for r in rows)
+    assert rows[3]["cls_total"] and rows[3]["det_total"] and not rows[3].get("rec_total")
+
+    calls = {"n": 0}
+
+    def killed(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # second step of fine-tuning epoch 1 (epoch 4)
+            raise Killed
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop.finetune, "finetune_step", killed)
+    with pytest.raises(Killed):
+        train(cfg, tmp_path / "resumed", track=False)
+    monkeypatch.setattr(loop.finetune, "finetune_step", real_step)
+    resumed = train(cfg, tmp_path / "resumed", track=False)
+    assert resumed["resumed_from_epoch"] == 3
+    for key in ("val_score", "best_epoch", "best"):
+        assert resumed[key] == straight[key], key
+    for name in ("checkpoint.pt", "best.pt"):
+        a, b = _weights(tmp_path / "straight" / name), _weights(tmp_path / "resumed" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
 def test_a_checkpoint_of_other_code_or_a_finished_run_is_not_resumed(tiny_data, tmp_path, monkeypatch, capsys):
     cfg = _cfg(tiny_data, "train.epochs=2")
     _kill_in_epoch_two(monkeypatch, cfg, tmp_path)
@@ -207,3 +252,18 @@ def test_selection_prefers_a_learning_detector_to_an_empty_one():
 def test_selection_leaves_out_a_class_without_val_images():
     terms = loop.selection_terms([1, 1, 0], [0, 3], [0, 4], clean=0, fired=2)
     assert terms == {"val_agreement_iou": 0.5, "val_cls_accuracy": 0.75, "val_det_accuracy": 0.5}
+
+
+def test_the_supervised_variant_selects_on_val_masks_the_weak_model_never(tiny_data):
+    from wpcrack.method.pseudo_labels import CRFPool
+
+    val = WeakDataset(tiny_data / "prepared/synthetic/manifest.csv", "val")
+    runtime = phases.Runtime(torch.device("cpu"))
+    for target in ("mask", "pseudo"):
+        cfg = _cfg(tiny_data, f"train.detector_target={target}")
+        torch.manual_seed(0)
+        with CRFPool(cfg.pseudo_labels) as pool:
+            row, _ = loop.validate(build_model(cfg), val, cfg, runtime, pool)
+        terms = [row[k] for k in ("val_agreement_iou", "val_cls_accuracy", "val_det_accuracy")]
+        expected = row["val_diag_det_iou"] if target == "mask" else sum(terms) / 3
+        assert row["val_score"] == pytest.approx(expected), target

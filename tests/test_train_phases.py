@@ -171,7 +171,7 @@ def test_whole_image_labels_train_crack_images_and_negatives_train_towards_backg
     pseudo[0, :, 0, :] = 255.0
     batch.pseudo, batch.has_pseudo = pseudo, torch.tensor([True, True, True, False])
     carry = phases.Carry()
-    target, usable, labels = phases._targets(batch, cfg, carry)
+    target, usable, labels = phases.targets(batch, cfg, carry)
     assert usable.tolist() == [True, True, False, False]  # image 1 has no crack: a negative
     assert torch.equal(target[0], pseudo[0]) and target[1].sum() == 0 and labels == []
     runtime = Runtime(torch.device("cpu"))
@@ -181,7 +181,36 @@ def test_whole_image_labels_train_crack_images_and_negatives_train_towards_backg
     assert result.losses["det_images"] == 2
 
     off = _cfg("pseudo_labels.source=image", "pseudo_labels.min_pixels=4")
-    assert phases._targets(batch, off, carry)[1].tolist() == [True, False, False, False]
+    assert phases.targets(batch, off, carry)[1].tolist() == [True, False, False, False]
     batch.pseudo = None
     with pytest.raises(TrainingError, match="whole-image labels"):
-        phases._targets(batch, off, carry)
+        phases.targets(batch, off, carry)
+
+
+def test_finetuning_trains_the_classifier_and_detector_never_the_reconstructor():
+    from wpcrack.train import finetune
+
+    torch.manual_seed(0)
+    cfg = _cfg("train.detector_target=mask", "train.finetune_epochs=1")
+    model = build_model(cfg)
+    optimizer, schedule = finetune.build_optimizer(model, cfg, total_steps=4)
+    before = _snapshot(model)
+    result = finetune.finetune_step(model, optimizer, schedule, _batch(), cfg, Runtime(torch.device("cpu")))
+    assert _changed(before, _snapshot(model)) == {"classifier", "detector"}
+    assert result.losses["det_images"] == 3 and result.losses["cls_total"] > 0
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+    assert schedule.last_epoch == 1  # the one-cycle schedule advanced one step
+
+
+def test_finetuning_targets_are_whole_image_labels_even_for_crop_labels():
+    """The paper's crop labels come from the CRF pool during the step; fine-tuning has none, it
+    trains on the whole-image labels made when it starts."""
+    cfg = _cfg("pseudo_labels.source=crop", "pseudo_labels.min_pixels=4")
+    batch = _batch()
+    pseudo = torch.zeros_like(batch.mask)
+    pseudo[0, :, 10:12, 4:-4] = 1.0
+    batch.pseudo, batch.has_pseudo = pseudo, torch.ones(4, dtype=torch.bool)
+    target, usable, _ = phases.targets(batch, cfg, phases.Carry(), whole_image=True)
+    assert usable.tolist() == [True, False, False, False] and torch.equal(target[0], pseudo[0])
+    assert phases.targets(batch, cfg, phases.Carry())[1].tolist() == [False] * 4  # no CRF labels: nothing

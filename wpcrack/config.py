@@ -1,8 +1,9 @@
 """Typed view of params.yaml.
 
 Resolution order for one training run: the base sections, then the dataset's profile
-(``profiles.<name>``), then the variant (``variants.<name>``), then command-line overrides
-(``section.key=value``). Unknown keys and values of the wrong type are errors, so a typo in
+(``profiles.<name>``), then the dataset's own settings for that profile
+(``datasets.<name>.overrides.<profile>``), then the variant (``variants.<name>``), then command-line
+overrides (``section.key=value``). Unknown keys and values of the wrong type are errors, so a typo in
 ``dvc exp run -S ...`` fails loudly instead of silently training the default.
 """
 
@@ -27,9 +28,12 @@ BACKBONES = ("resnet38d", "mobilenet_v2", "resnet18", "resnet50", "tiny")
 
 @dataclass(frozen=True)
 class DatasetEntry:
-    """Per-dataset choices that are not part of a profile."""
+    """Per-dataset choices: the profile, and ``overrides``: per profile name, sections of
+    params.yaml merged over that profile for this dataset only (checked like them), for what a
+    dataset's imagery or size needs under that profile."""
 
     profile: str = "cpu"
+    overrides: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -182,6 +186,11 @@ class TrainConfig:
     amp: bool = True
     channels_last: bool = True
     val_every: int = 1
+    # Detector fine-tuning after the three-phase epochs (wpcrack.train.finetune); 0: the paper's schedule.
+    finetune_epochs: int = 0
+    finetune_crop_size: int = 192
+    finetune_lr: float = 1e-3
+    finetune_labels: Literal["pseudo", "detector"] = "pseudo"
 
 
 @dataclass(frozen=True)
@@ -287,6 +296,10 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return tuple(_convert(v, item_t, f"{where}[{i}]") for i, v in enumerate(value))
+    if hint is dict:  # checked when merged into the sections it overrides
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
@@ -337,7 +350,7 @@ _LIMITS: dict[type, dict[str, tuple[Callable[[Any], bool], str]]] = {
     LossConfig: {**{k: _NON_NEGATIVE for k in ("lambda_c1", "lambda_r1_c", "lambda_r1_r", "lambda_c2", "lambda_r2_c",
                                                "lambda_r2_r", "lambda_cec", "det_dice")},
                  "det_pos_weight": _POSITIVE},
-    DarknessConfig: {"block": (lambda v: v >= 3, "must be >= 3"), "min_area": _NON_NEGATIVE,
+    DarknessConfig: {"block": (lambda v: v >= 3, "must be >= 3"), "min_area": _NON_NEGATIVE, "offset": _NON_NEGATIVE,
                      "bilateral_d": _NON_NEGATIVE},
     PseudoLabelConfig: {"refresh_epochs": _ONE_OR_MORE, "cam_scales": _POSITIVE, "cam_threshold": _HALF_OPEN_UNIT,
                         "ignore_band": _NON_NEGATIVE, "iterations": _NON_NEGATIVE, "workers": _NON_NEGATIVE,
@@ -345,7 +358,8 @@ _LIMITS: dict[type, dict[str, tuple[Callable[[Any], bool], str]]] = {
     TrainConfig: {"epochs": _ONE_OR_MORE, "batch_size": _ONE_OR_MORE, "crop_size": _NON_NEGATIVE, "lr": _POSITIVE,
                   "lr_detector": _POSITIVE, "momentum": _HALF_OPEN_UNIT, "weight_decay": _NON_NEGATIVE,
                   "poly_power": _POSITIVE, "detector_warmup_epochs": _NON_NEGATIVE,
-                  "max_steps_per_epoch": _ONE_OR_MORE, "num_workers": _NON_NEGATIVE, "val_every": _ONE_OR_MORE},
+                  "max_steps_per_epoch": _ONE_OR_MORE, "num_workers": _NON_NEGATIVE, "val_every": _ONE_OR_MORE,
+                  "finetune_epochs": _NON_NEGATIVE, "finetune_crop_size": _NON_NEGATIVE, "finetune_lr": _POSITIVE},
     EvaluateConfig: {"threshold": _OPEN_UNIT, "tile_size": _ONE_OR_MORE, "tile_overlap": _NON_NEGATIVE,
                      "figure_images": _NON_NEGATIVE, "pr_thresholds": (lambda v: v >= 2, "must be >= 2")},
     BenchmarkConfig: {"size": _ONE_OR_MORE, "batch_sizes": _ONE_OR_MORE, "warmup": _NON_NEGATIVE,
@@ -410,15 +424,20 @@ def resolve(
     if dataset is not None and dataset not in DATASET_NAMES:
         raise ConfigError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASET_NAMES)}")
     datasets = raw.get("datasets", {}) or {}
+    entry = (datasets.get(dataset, {}) if dataset else {}) or {}
     if profile is None:
-        entry = datasets.get(dataset, {}) if dataset else {}
-        profile = (entry or {}).get("profile", "cpu")
+        profile = entry.get("profile", "cpu")
     if profile not in profiles:
         raise ConfigError(f"unknown profile {profile!r}; defined in params.yaml: {', '.join(profiles) or 'none'}")
     if variant not in variants:
         raise ConfigError(f"unknown variant {variant!r}; defined in params.yaml: {', '.join(variants) or 'none'}")
 
     merged = deep_merge(raw, profiles[profile] or {})
+    overrides_of_dataset = (entry.get("overrides") or {}).get(profile) or {}
+    for meta in ("datasets", "profiles", "variants", "runs"):
+        if meta in overrides_of_dataset:
+            raise ConfigError(f"datasets.{dataset}.overrides.{profile}: '{meta}' cannot be overridden per dataset")
+    merged = deep_merge(merged, overrides_of_dataset)
     merged = deep_merge(merged, variants[variant] or {})
     for text in overrides:
         merged = deep_merge(merged, parse_override(text))

@@ -30,7 +30,7 @@ def one_hot(labels: Tensor) -> Tensor:
     return torch.stack([1.0 - crack, crack], dim=1)
 
 
-def _bce(logits: Tensor, labels: Tensor) -> Tensor:
+def image_bce(logits: Tensor, labels: Tensor) -> Tensor:
     """Eqs. 13 / 17: BCE with logits between q and T, mean over images and both classes."""
     return F.binary_cross_entropy_with_logits(logits.float(), one_hot(labels).to(logits.device))
 
@@ -63,7 +63,7 @@ def reconstructor_loss(
     ``o_c``/``o_r`` are decoded from Z * M_C and Z * (1 - M_C) with M_C from the frozen classifier.
     """
     parts = {
-        "cls1": _bce(q_rec, labels),
+        "cls1": image_bce(q_rec, labels),
         "recon1_c": _masked_l1(1.0 - m_rec_c, image_c, o_c),
         "recon1_r": _masked_l1(m_rec_c, image_c, o_r),
     }
@@ -90,7 +90,7 @@ def classifier_loss(
     them at the size given (0 when CECCM is disabled).
     """
     parts = {
-        "cls2": _bce(q, labels),
+        "cls2": image_bce(q, labels),
         "recon2_c": -_masked_l1(1.0 - m_c, image_c, o_c_hat),
         "recon2_r": -_masked_l1(m_c, image_c, o_r_hat),
         "cec": ceccm_loss(m_c, m_rec_c.detach(), ceccm.sigma, ceccm.mode) if ceccm.enabled else q.sum() * 0.0,

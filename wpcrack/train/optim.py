@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.optim.lr_scheduler import PolynomialLR
+from torch.optim.lr_scheduler import LRScheduler, PolynomialLR
 
 from wpcrack.config import Config
 from wpcrack.models.backbones import Backbone
@@ -68,15 +68,22 @@ def _poly_groups(net: nn.Module, cfg: Config) -> list[dict]:
 
 @dataclass
 class Optimizers:
-    """One optimiser per network and the poly schedules of the two adversarial ones."""
+    """One optimiser per network and the poly schedules of the two adversarial ones; with
+    detector fine-tuning (``wpcrack.train.finetune``) also its optimiser and one-cycle schedule."""
 
     classifier: torch.optim.SGD
     reconstructor: torch.optim.SGD
     detector: torch.optim.AdamW
-    schedulers: dict[str, PolynomialLR]
+    schedulers: dict[str, LRScheduler]
+    finetune: torch.optim.AdamW | None = None
+
+    def add_finetune(self, optimizer: torch.optim.AdamW, schedule: LRScheduler) -> None:
+        self.finetune = optimizer
+        self.schedulers["finetune"] = schedule
 
     def as_dict(self) -> dict[str, torch.optim.Optimizer]:
-        return {"classifier": self.classifier, "reconstructor": self.reconstructor, "detector": self.detector}
+        out = {"classifier": self.classifier, "reconstructor": self.reconstructor, "detector": self.detector}
+        return out | ({"finetune": self.finetune} if self.finetune is not None else {})
 
     def step_schedules(self, names: tuple[str, ...] = ("classifier", "reconstructor")) -> None:
         """Advance the poly schedules of the networks that trained this iteration."""

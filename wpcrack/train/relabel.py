@@ -74,7 +74,14 @@ def refresh(model: torch.nn.Module, dataset, cfg: Config, runtime, pool: CRFPool
         for m, mode in modes:
             m.training = mode
     dataset.pseudo = labels
+    return label_diagnostic(labels, raws, crack_rows, p.min_pixels)
+
+
+def label_diagnostic(labels: dict[int, np.ndarray], raws: dict, crack_rows: list[int], min_pixels: int) -> dict[str, float]:
+    """``pseudo_label_iou`` of the labels against the rows' masks (monitoring only) and the share of
+    crack rows whose label has ``min_pixels`` crack pixels (``pseudo_label_kept``)."""
     with_mask = [i for i in crack_rows if raws[i][2]]
     diag = confusion([labels[i] for i in with_mask], [raws[i][1] for i in with_mask])
-    kept = sum(crack_pixels(labels[i]) >= p.min_pixels for i in crack_rows)
-    return {"pseudo_label_iou": iou_of(diag) if with_mask else float("nan"), "pseudo_label_kept": kept / len(crack_rows) if crack_rows else float("nan")}
+    kept = sum(crack_pixels(labels[i]) >= min_pixels for i in crack_rows)
+    return {"pseudo_label_iou": iou_of(diag) if with_mask else float("nan"),
+            "pseudo_label_kept": kept / len(crack_rows) if crack_rows else float("nan")}
