@@ -55,6 +55,18 @@ def test_darkness_label_keeps_only_dark_pixels_inside_the_cam_region():
     assert label[:, 48:].sum() == 0 and label[:30].sum() == 0
 
 
+def test_component_gate_keeps_whole_dark_blobs_that_reach_into_the_cam_region():
+    rgb, truth = _road()
+    cam = np.zeros(truth.shape, np.float32)
+    cam[30:50, :48] = 0.9  # the left half of the crack only; the speck at (80, 80) lies outside
+    cfg = PseudoLabelConfig(method="darkness", cam_threshold=0.2, cam_gate="component",
+                            darkness=DarknessConfig(block=31, min_area=1))
+    label = make_label(rgb, cam, cfg)
+    assert label[40:42, 10:-10].all()  # the whole crack, beyond the CAM
+    assert label[80:82, 80:82].sum() == 0 and label.sum() == make_label(rgb, np.ones_like(cam), cfg).sum() - 4
+    assert make_label(rgb, np.zeros_like(cam), cfg).sum() == 0
+
+
 def test_ignore_band_marks_the_border_of_the_label_only():
     label = np.zeros((9, 9), np.uint8)
     label[4, 4] = 1

@@ -53,18 +53,18 @@ def _check_average_gradients(rank: int) -> None:
     assert all(p.grad is None for p in params)
 
     # Through a phase's step: rank 0 has no image for the detector, rank 1 has two.
-    from wpcrack.train.phases import _step
+    from wpcrack.train.phases import optimizer_step
 
     torch.manual_seed(0)
     net = torch.nn.Linear(2, 1)
     start = [p.detach().clone() for p in net.parameters()]
     opt = torch.optim.SGD(net.parameters(), lr=1.0)
     total = None if rank == 0 else net(torch.ones(2, 2)).mean()
-    _step([opt], "detector", total, {}, world, weight=0.0 if rank == 0 else 2.0)
+    optimizer_step([opt], "detector", total, {}, world, weight=0.0 if rank == 0 else 2.0)
     assert all(torch.allclose(p, s - 1.0) for p, s in zip(net.parameters(), start))  # rank 1's gradient
     total = net(torch.ones(1, 2)).sum() * (float("nan") if rank == 1 else 1.0)
     with pytest.raises(TrainingError, match="detector loss is not finite on 1 of 2 processes"):
-        _step([opt], "detector", total, {}, world)
+        optimizer_step([opt], "detector", total, {}, world)
     assert all(torch.allclose(p, s - 1.0) and p.grad is None for p, s in zip(net.parameters(), start))
 
 

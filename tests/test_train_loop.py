@@ -161,6 +161,24 @@ def test_finetuning_starts_from_the_best_model_and_resumes_exactly(tiny_data, tm
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def test_the_supervised_recipe_alone_fine_tunes_from_imagenet(tiny_data, tmp_path, monkeypatch):
+    """``epochs: 0`` (supervised only): every epoch is a fine-tuning epoch, from the initial weights."""
+    cfg = _cfg(tiny_data, "train.epochs=0", "train.detector_target=mask", *FINETUNE[:2])
+    real_labels = loop.finetune.make_labels
+    initial = {}
+
+    def spy(model, dataset, *args):
+        initial["untouched"] = not (tmp_path / "best.pt").exists()
+        return real_labels(model, dataset, *args)
+
+    monkeypatch.setattr(loop.finetune, "make_labels", spy)
+    metrics = train(cfg, tmp_path, track=False)
+    assert initial == {"untouched": True} and metrics["epochs"] == 2
+    rows = list(csv.DictReader((tmp_path / "history.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2] and all(r["det_total"] and not r.get("rec_total") for r in rows)
+    assert (tmp_path / "best.pt").is_file()
+
+
 def test_a_checkpoint_of_other_code_or_a_finished_run_is_not_resumed(tiny_data, tmp_path, monkeypatch, capsys):
     cfg = _cfg(tiny_data, "train.epochs=2")
     _kill_in_epoch_two(monkeypatch, cfg, tmp_path)

@@ -151,6 +151,7 @@ class PseudoLabelConfig:
     cam_scales: tuple[float, ...] = (1.0,)  # source image: CAM averaged over these scales ...
     cam_flip: bool = False  # ... and their horizontal flips
     cam_threshold: float = 0.2  # method darkness: the CAM's crack region
+    cam_gate: Literal["pixel", "component"] = "pixel"  # darkness: keep dark pixels / whole dark blobs in that region
     darkness: DarknessConfig = field(default_factory=DarknessConfig)
     ignore_band: int = 0  # pixels this close to a crack label, but not in it, get no loss
     negatives: bool = False  # crack-free images train the detector as all-background targets
@@ -355,7 +356,7 @@ _LIMITS: dict[type, dict[str, tuple[Callable[[Any], bool], str]]] = {
     PseudoLabelConfig: {"refresh_epochs": _ONE_OR_MORE, "cam_scales": _POSITIVE, "cam_threshold": _HALF_OPEN_UNIT,
                         "ignore_band": _NON_NEGATIVE, "iterations": _NON_NEGATIVE, "workers": _NON_NEGATIVE,
                         "min_pixels": _NON_NEGATIVE, "bg_power": _POSITIVE},
-    TrainConfig: {"epochs": _ONE_OR_MORE, "batch_size": _ONE_OR_MORE, "crop_size": _NON_NEGATIVE, "lr": _POSITIVE,
+    TrainConfig: {"epochs": _NON_NEGATIVE, "batch_size": _ONE_OR_MORE, "crop_size": _NON_NEGATIVE, "lr": _POSITIVE,
                   "lr_detector": _POSITIVE, "momentum": _HALF_OPEN_UNIT, "weight_decay": _NON_NEGATIVE,
                   "poly_power": _POSITIVE, "detector_warmup_epochs": _NON_NEGATIVE,
                   "max_steps_per_epoch": _ONE_OR_MORE, "num_workers": _NON_NEGATIVE, "val_every": _ONE_OR_MORE,
@@ -442,7 +443,12 @@ def resolve(
     for text in overrides:
         merged = deep_merge(merged, parse_override(text))
     merged.update(profile=profile, dataset=dataset, variant=variant)
-    return _build(Config, merged, "")
+    cfg = _build(Config, merged, "")
+    t = cfg.train
+    if t.epochs == 0 and not (t.finetune_epochs and t.detector_target == "mask"):
+        raise ConfigError("train.epochs: 0 (fine-tuning alone, from ImageNet) needs train.finetune_epochs > 0 and "
+                          "train.detector_target: mask; weak labels need the three-phase epochs' classifier")
+    return cfg
 
 
 def load_config(

@@ -3,7 +3,8 @@
 ``pseudo_labels.method``:
 - ``crf``: the paper's denseCRF refinement of the CAM;
 - ``darkness``: the locally dark pixels (``wpcrack.method.darkness``) inside the CAM's crack region
-  (CAM > ``cam_threshold``). The CAM says where a crack is, the darkness how wide it is: a CAM
+  (CAM > ``cam_threshold``; ``cam_gate: component`` keeps each dark blob that reaches into it
+  whole). The CAM says where a crack is, the darkness how wide it is: a CAM
   cell is 8 px wide, a crack 1-3 px, and the CRF's smoothness erases thin, faint cracks.
 Labels are uint8 {0 crack-free, 1 crack, ``IGNORE`` no loss}; ``ignore_band`` > 0 marks the
 pixels that close to a crack label (its uncertain border) ``IGNORE``.
@@ -36,11 +37,32 @@ def make_label(rgb: np.ndarray, cam: np.ndarray, cfg: PseudoLabelConfig) -> np.n
     if cfg.method == "darkness":
         from wpcrack.method.darkness import dark_pixels
 
-        label = dark_pixels(rgb, cfg.darkness) & (np.asarray(cam, np.float32) > cfg.cam_threshold)
-        label = label.astype(np.uint8)
+        label = gate_by_cam(dark_pixels(rgb, cfg.darkness), cam, cfg.cam_threshold, cfg.cam_gate)
     else:
         label = refine(rgb, cam, cfg)
     return with_ignore_band(label, cfg.ignore_band)
+
+
+def gate_by_cam(dark: np.ndarray, cam: np.ndarray, threshold: float, gate: str) -> np.ndarray:
+    """The dark pixels that the CAM calls crack (uint8 {0, 1}).
+
+    ``pixel``: those where CAM > ``threshold``. ``component``: every 8-connected dark blob whose CAM
+    peak exceeds ``threshold``, whole. A classifier's CAM lights the most telling stretch of a
+    crack, not all of it (CRACK500's crack CAMs shrink as the classifier trains); the dark blob
+    carries the crack on to its ends.
+    """
+    cam = np.asarray(cam, np.float32)
+    inside = cam > threshold
+    if gate == "pixel":
+        return (dark.astype(bool) & inside).astype(np.uint8)
+    if gate != "component":
+        raise ValueError(f"unknown cam_gate {gate!r}; valid: pixel, component")
+    import cv2
+
+    count, blobs = cv2.connectedComponents(dark.astype(np.uint8), connectivity=8)
+    keep = np.zeros(count, dtype=np.uint8)
+    keep[np.unique(blobs[inside & (blobs > 0)])] = 1
+    return keep[blobs]
 
 
 def with_ignore_band(label: np.ndarray, band: int) -> np.ndarray:

@@ -73,13 +73,13 @@ class WPCrackNet(nn.Module):
     @torch.inference_mode()
     def predict(self, x: Tensor) -> Tensor:
         """[B, 1, H, W] crack probabilities, in eval mode (each submodule's mode is restored after)."""
-        with _eval_mode(self):
+        with eval_mode(self):
             return torch.sigmoid(self(x).float())
 
     @torch.inference_mode()
     def classify(self, x: Tensor) -> Tensor:
         """[B] probability that each image contains a crack (classifier head, for patch gating)."""
-        with _eval_mode(self):
+        with eval_mode(self):
             return _crack_probability(self.classifier(x).logits)
 
     def slim(self, gating: bool = True) -> SlimDetector:
@@ -141,7 +141,7 @@ def build_model(cfg: Config | ModelConfig) -> WPCrackNet:
 
 
 @contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
+def eval_mode(module: nn.Module) -> Iterator[None]:
     """Put every submodule in eval mode, then give each back its own mode (a training loop may keep
     BatchNorm frozen in eval while the rest trains)."""
     modes = [(m, m.training) for m in module.modules()]

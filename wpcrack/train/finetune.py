@@ -21,8 +21,6 @@ over the fine-tuning epochs, so fine-tuning is kept only when it raises the scor
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import numpy as np
 import torch
 from torch import nn
@@ -30,7 +28,7 @@ from torch import nn
 from wpcrack.config import Config
 from wpcrack.method.losses import detector_loss, image_bce
 from wpcrack.train import relabel
-from wpcrack.train.phases import (Batch, Carry, Runtime, StepResult, _Clock, _step, detector_modules, targets,
+from wpcrack.train.phases import (Batch, Carry, Clock, Runtime, StepResult, detector_modules, optimizer_step, targets,
                                   training_only)
 
 
@@ -61,39 +59,21 @@ def make_labels(model: nn.Module, dataset, cfg: Config, runtime: Runtime, pool) 
     return relabel.refresh(model, dataset, cfg, runtime, pool)
 
 
-@torch.inference_mode()
 def detector_labels(model: nn.Module, dataset, cfg: Config, runtime: Runtime) -> dict[str, float]:
     """Self-training targets: each crack row's whole-image detector mask (p > 0.5)."""
-    from wpcrack.data.datasets import normalize
 
-    crack_rows = [i for i, label in enumerate(dataset.labels) if label == 1]
-    by_shape: dict[tuple, list[int]] = defaultdict(list)
-    raws = {}
-    for i in crack_rows:
-        raws[i] = dataset.raw(i)
-        by_shape[raws[i][0].shape].append(i)
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    labels: dict[int, np.ndarray] = {}
-    try:
-        for rows in by_shape.values():
-            for start in range(0, len(rows), relabel.BATCH):
-                chunk = rows[start:start + relabel.BATCH]
-                x = runtime.images(normalize(torch.from_numpy(np.stack([raws[i][0] for i in chunk]))))
-                with runtime.autocast():
-                    prob = torch.sigmoid(model(x).float())[:, 0].cpu().numpy()
-                labels.update((i, (p > 0.5).astype(np.uint8)) for i, p in zip(chunk, prob, strict=True))
-    finally:
-        for m, mode in modes:
-            m.training = mode
-    dataset.pseudo = labels
-    return relabel.label_diagnostic(labels, raws, crack_rows, cfg.pseudo_labels.min_pixels)
+    def labels_of(rgbs: list[np.ndarray], x: torch.Tensor) -> list[np.ndarray]:
+        with runtime.autocast():
+            prob = torch.sigmoid(model(x).float())[:, 0].cpu().numpy()
+        return [(p > 0.5).astype(np.uint8) for p in prob]
+
+    return relabel.relabel_crack_rows(model, dataset, cfg, runtime, labels_of)
 
 
 def finetune_step(model: nn.Module, optimizer: torch.optim.Optimizer, schedule, batch: Batch, cfg: Config,
                   runtime: Runtime) -> StepResult:
     """One step: detector loss on the usable images + the classifier's image BCE on all of them."""
-    clock = _Clock(runtime)
+    clock = Clock(runtime)
     target, usable, _ = targets(batch, cfg, Carry(), whole_image=True)
     x = batch.image
     with training_only(model, trained_modules(model), cfg.train.freeze_bn), runtime.autocast():
@@ -106,7 +86,7 @@ def finetune_step(model: nn.Module, optimizer: torch.optim.Optimizer, schedule, 
         bce = image_bce(cls_out.logits, batch.label)
         total = det + cfg.loss.lambda_c2 * bce
     losses = {"det_total": parts.pop("det"), **parts, "cls_total": float(bce.detach())}
-    _step([optimizer], "fine-tuning", total, losses, runtime.world)
+    optimizer_step([optimizer], "fine-tuning", total, losses, runtime.world)
     schedule.step()
     runtime.world.sync_buffers(model)
     seconds = {"det": clock.lap()}

@@ -85,8 +85,6 @@ def train(cfg: Config, out_dir: str | Path, resume: bool | None = None, *, track
 
 
 def _train(cfg: Config, out_dir: Path, resume: bool | None, track: bool, world: World) -> dict[str, Any]:
-    from torch.utils.data.distributed import DistributedSampler
-
     from wpcrack.data.datasets import WeakDataset
     from wpcrack.models.wpcracknet import build_model
 
@@ -101,18 +99,7 @@ def _train(cfg: Config, out_dir: Path, resume: bool | None, track: bool, world: 
     with _deterministic(runtime):
         _seed_everything(t.seed)
         generator = torch.Generator().manual_seed(t.seed)
-        # Disjoint shards per process (padded by repeating rows to equal length), reshuffled each epoch.
-        sampler = DistributedSampler(train_set, num_replicas=world.size, rank=world.rank, shuffle=True,
-                                     seed=t.seed) if world.enabled else None
-        rows = len(sampler) if sampler is not None else len(train_set)
-        # No persistent workers: they draw their seed from the generator once per run, not once per
-        # epoch, so a resumed run would shuffle differently.
-        loader = DataLoader(
-            train_set, batch_size=t.batch_size, shuffle=sampler is None, sampler=sampler,
-            drop_last=rows >= t.batch_size, num_workers=t.num_workers, generator=generator,
-            worker_init_fn=_seed_worker, pin_memory=runtime.device.type == "cuda",
-        )
-        steps = min(len(loader), t.max_steps_per_epoch or len(loader))
+        sampler, loader, steps = _loader(train_set, cfg, world, generator, runtime)
         tune_set, tune_sampler, tune_loader, tune_steps = _finetune_data(cfg, manifest, world, generator, runtime)
         model = build_model(cfg)
         if t.freeze_bn:
@@ -147,7 +134,8 @@ def _train(cfg: Config, out_dir: Path, resume: bool | None, track: bool, world: 
                     data_sampler.set_epoch(epoch)
                 if epoch == t.epochs and tuning:
                     t_relabel = time.perf_counter()
-                    _load_best(model, out_dir, world)
+                    if t.epochs:  # epochs 0 (supervised only): fine-tuning starts from ImageNet
+                        _load_best(model, out_dir, world)
                     labels_diag = finetune.make_labels(model, tune_set, cfg, runtime, pool)
                     labels_diag["relabel_s"] = time.perf_counter() - t_relabel
                     train_set.pseudo = tune_set.pseudo
@@ -205,14 +193,23 @@ def _train(cfg: Config, out_dir: Path, resume: bool | None, track: bool, world: 
 
 def _finetune_data(cfg: Config, manifest: Path, world: World, generator: torch.Generator, runtime: Runtime):
     """(dataset, sampler, loader, steps per epoch) of the fine-tuning crops; all None/0 without fine-tuning."""
-    from torch.utils.data.distributed import DistributedSampler
-
     from wpcrack.data.datasets import WeakDataset
 
     t = cfg.train
     if not t.finetune_epochs:
         return None, None, None, 0
     dataset = WeakDataset(manifest, "train", crop_size=t.finetune_crop_size, augment=True, seed=t.seed)
+    return dataset, *_loader(dataset, cfg, world, generator, runtime)
+
+
+def _loader(dataset, cfg: Config, world: World, generator: torch.Generator, runtime: Runtime):
+    """(sampler, loader, steps per epoch) of a training set: disjoint shards per process (padded by
+    repeating rows to equal length), reshuffled each epoch. No persistent workers: they draw their
+    seed from the generator once per run, not once per epoch, so a resumed run would shuffle
+    differently."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    t = cfg.train
     sampler = DistributedSampler(dataset, num_replicas=world.size, rank=world.rank, shuffle=True,
                                  seed=t.seed) if world.enabled else None
     rows = len(sampler) if sampler is not None else len(dataset)
@@ -221,7 +218,7 @@ def _finetune_data(cfg: Config, manifest: Path, world: World, generator: torch.G
         drop_last=rows >= t.batch_size, num_workers=t.num_workers, generator=generator,
         worker_init_fn=_seed_worker, pin_memory=runtime.device.type == "cuda",
     )
-    return dataset, sampler, loader, min(len(loader), t.max_steps_per_epoch or len(loader))
+    return sampler, loader, min(len(loader), t.max_steps_per_epoch or len(loader))
 
 
 def _load_best(model, out_dir: Path, world: World) -> None:

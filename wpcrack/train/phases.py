@@ -24,7 +24,7 @@ backbones a third time. With ``detach_detector_features: false`` it runs them ag
 and the detector loss also trains both encoders.
 
 Under torchrun each phase averages its gradients over the processes before its optimiser steps
-(``_step`` with ``runtime.world``; see ``wpcrack.train.distributed``), so every rank takes the same
+(``optimizer_step`` with ``runtime.world``; see ``wpcrack.train.distributed``), so every rank takes the same
 step; a single process (``runtime.world`` is ``SINGLE``) is untouched.
 
 Not taken from ACR: its random grid erasing of the CAM in the reconstructor step (the paper does
@@ -163,8 +163,8 @@ def _check_finite(phase: str, total: Tensor, parts: dict[str, float]) -> None:
         raise TrainingError(f"{phase} loss is not finite ({detail})")
 
 
-def _step(optimizers: Iterable[torch.optim.Optimizer], phase: str, total: Tensor | None, parts: dict[str, float],
-          world: World = SINGLE, weight: float = 1.0) -> None:
+def optimizer_step(optimizers: Iterable[torch.optim.Optimizer], phase: str, total: Tensor | None,
+                   parts: dict[str, float], world: World = SINGLE, weight: float = 1.0) -> None:
     """Backpropagate ``total`` and step ``optimizers``; a NaN/inf loss stops before any update.
 
     Gradients are dropped after the update: the next phase starts clean and no memory is held.
@@ -236,7 +236,7 @@ def reconstructor_step(
         o_c, o_r = _reconstruct(model, z_c, m_c_c, batch.size) if len(z_c) else (x[:0], x[:0])
         m_rec_c = crack_cam(enc.cam[crack], batch.label[crack])
         total, parts = reconstructor_loss(enc.logits, batch.label, x[crack], o_c, o_r, m_rec_c, cfg.loss)
-    _step([optimizers.reconstructor], "reconstructor", total, parts, runtime.world)
+    optimizer_step([optimizers.reconstructor], "reconstructor", total, parts, runtime.world)
     return parts, carry
 
 
@@ -268,7 +268,7 @@ def classifier_step(
         total, parts = classifier_loss(
             cls_out.logits, batch.label, image_c, o_c_hat, o_r_hat, m_c, m_rec_c, cfg.loss, cfg.ceccm
         )
-    _step([optimizers.classifier], "classifier", total, parts, runtime.world)
+    optimizer_step([optimizers.classifier], "classifier", total, parts, runtime.world)
     return parts
 
 
@@ -317,7 +317,7 @@ def detector_step(
     opts = [optimizers.detector] if detach else [optimizers.detector, optimizers.classifier, optimizers.reconstructor]
     if not bool(usable.any()):
         if runtime.world.enabled:  # the other ranks may have images: join their gradient average
-            _step(opts, "detector", None, {}, runtime.world, weight=0.0)
+            optimizer_step(opts, "detector", None, {}, runtime.world, weight=0.0)
         return result
 
     x = batch.image[usable]
@@ -337,7 +337,7 @@ def detector_step(
             logits, target[usable], pos_weight=cfg.loss.det_pos_weight, dice=cfg.loss.det_dice
         )
     # Weighted by this rank's images: the mean over the global detector batch, as in one process.
-    _step(opts, "detector", total, result.losses, runtime.world, weight=float(usable.sum()))
+    optimizer_step(opts, "detector", total, result.losses, runtime.world, weight=float(usable.sum()))
     return result
 
 
@@ -352,7 +352,7 @@ def train_step(
     t = cfg.train
     need_rec = t.adversarial or cfg.ceccm.enabled or model.uses_rec
     pseudo = train_detector and t.detector_target == "pseudo"
-    clock = _Clock(runtime)
+    clock = Clock(runtime)
     rec_parts, carry = reconstructor_step(
         model, optimizers, batch, cfg, runtime, pool if pseudo else None, train_reconstructor=need_rec
     )
@@ -371,7 +371,9 @@ def train_step(
     return StepResult(losses, seconds, result.pseudo_labels, result.kept)
 
 
-class _Clock:
+class Clock:
+    """Seconds between laps, the device synchronised first (a CUDA step is asynchronous)."""
+
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
         self.last = time.perf_counter()

@@ -10,6 +10,7 @@ the image by its augmentation, so the detector sees the same label wherever the 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -48,33 +49,39 @@ def image_cams(classifier: torch.nn.Module, images: torch.Tensor, scales: tuple[
 def refresh(model: torch.nn.Module, dataset, cfg: Config, runtime, pool: CRFPool) -> dict[str, float]:
     """Set ``dataset.pseudo`` to the labels of its crack rows; returns the label diagnostic
     (``pseudo_label_iou`` against the rows' masks, monitoring only; ``pseudo_label_kept``)."""
-    from wpcrack.data.datasets import normalize
-
     p = cfg.pseudo_labels
+
+    def labels_of(rgbs: list[np.ndarray], x: torch.Tensor) -> list[np.ndarray]:
+        with runtime.autocast():
+            cams = image_cams(model.classifier, x, p.cam_scales, p.cam_flip)
+        return pool.submit(rgbs, list(cams.float().cpu().numpy())).result()
+
+    return relabel_crack_rows(model, dataset, cfg, runtime, labels_of)
+
+
+def relabel_crack_rows(model: torch.nn.Module, dataset, cfg: Config, runtime,
+                       labels_of: Callable[[list[np.ndarray], torch.Tensor], list[np.ndarray]]) -> dict[str, float]:
+    """Set ``dataset.pseudo`` to ``labels_of(rgbs, normalised batch)`` for every crack row, the model
+    in eval mode, images of one shape batched together; returns the label diagnostic."""
+    from wpcrack.data.datasets import normalize
+    from wpcrack.models.wpcracknet import eval_mode
+
     crack_rows = [i for i, label in enumerate(dataset.labels) if label == 1]
     by_shape: dict[tuple, list[int]] = defaultdict(list)
     raws = {}
     for i in crack_rows:
         raws[i] = dataset.raw(i)
         by_shape[raws[i][0].shape].append(i)
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     labels: dict[int, np.ndarray] = {}
-    try:
+    with eval_mode(model), torch.inference_mode():
         for rows in by_shape.values():
             for start in range(0, len(rows), BATCH):
                 chunk = rows[start:start + BATCH]
                 rgbs = [raws[i][0] for i in chunk]
                 x = runtime.images(normalize(torch.from_numpy(np.stack(rgbs))))
-                with runtime.autocast():
-                    cams = image_cams(model.classifier, x, p.cam_scales, p.cam_flip)
-                made = pool.submit(rgbs, list(cams.float().cpu().numpy())).result()
-                labels.update(zip(chunk, made, strict=True))
-    finally:
-        for m, mode in modes:
-            m.training = mode
+                labels.update(zip(chunk, labels_of(rgbs, x), strict=True))
     dataset.pseudo = labels
-    return label_diagnostic(labels, raws, crack_rows, p.min_pixels)
+    return label_diagnostic(labels, raws, crack_rows, cfg.pseudo_labels.min_pixels)
 
 
 def label_diagnostic(labels: dict[int, np.ndarray], raws: dict, crack_rows: list[int], min_pixels: int) -> dict[str, float]:
