@@ -27,7 +27,8 @@ from wpcrack.models.wpcracknet import build_model
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 TINY = ["model.backbone=mobilenet_v2", "model.pretrained=false", "model.cam_channels=16", "model.paam_channels=16",
-        "model.paam_reduction=4", "model.detector_channels=8", "model.decoder_channels=8"]
+        "model.paam_reduction=4", "model.detector_channels=8", "model.decoder_channels=8",
+        "evaluate.flip=false"]  # one pass unless a test turns the flips on
 
 
 def _cfg(dataset: str, *overrides: str):
@@ -98,6 +99,21 @@ def test_one_tile_is_exactly_the_untiled_output_and_seams_stay_close():
             seam[y:y + 32, x:x + 32] |= edge
     np.testing.assert_allclose(tiled[~seam], whole[~seam], atol=1e-6)
     assert np.abs(tiled - whole)[seam].max() < 0.05
+
+
+def test_flip_averages_the_four_mirrored_predictions():
+    model, rgb = PixelNet(k=3), _rgb(20, 24)
+    x = to_batch([rgb], torch.device("cpu"))
+    plain = model.predict(x)[0, 0].numpy()
+    mirrored = [torch.flip(model.predict(torch.flip(x, dims)), dims)[0, 0].numpy() for dims in ((3,), (2,), (2, 3))]
+    assert np.array_equal(predict_image(model, rgb, _cfg("synthetic")), plain)
+    flipped = predict_image(model, rgb, _cfg("synthetic", "evaluate.flip=true"))
+    np.testing.assert_allclose(flipped, np.mean([plain, *mirrored], axis=0), atol=1e-6)
+    assert np.abs(flipped - plain).max() > 1e-4  # a 3x3 conv is not mirror-symmetric: the flips count
+    # Tiled images average the flips of each tile.
+    tiled = predict_image(model, _rgb(70, 90), _cfg("synthetic", "evaluate.flip=true", "evaluate.tile_size=32",
+                                                     "evaluate.tile_overlap=8"))
+    assert tiled.shape == (70, 90) and np.isfinite(tiled).all()
 
 
 def test_patch_gating_zeroes_patches_the_classifier_rejects():

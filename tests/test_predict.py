@@ -24,7 +24,8 @@ from wpcrack.deploy.predict import crack_stats, predict, skeletonize
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 TINY = ["model.backbone=mobilenet_v2", "model.pretrained=false", "model.cam_channels=16", "model.paam_channels=16",
-        "model.paam_reduction=4", "model.detector_channels=8", "model.decoder_channels=8"]
+        "model.paam_reduction=4", "model.detector_channels=8", "model.decoder_channels=8",
+        "evaluate.flip=false"]  # one pass unless a test turns the flips on
 
 
 def _cfg(*overrides: str):
@@ -143,6 +144,16 @@ def test_classifier_skips_crack_free_tiles_and_overlap_blending_is_exact():
     assert (tiles, skipped) == (18, 0)
 
 
+def test_flip_averaging_keeps_the_counts_per_tile():
+    rgb = np.full((150, 260, 3), 128, np.uint8)
+    rgb[100:104, 180:250] = 10
+    plain = probability_map(DarkPixels(), rgb, _cfg("evaluate.tile_size=64", "evaluate.tile_overlap=16"), gate=0.5)
+    cfg = _cfg("evaluate.tile_size=64", "evaluate.tile_overlap=16", "evaluate.flip=true")
+    prob, tiles, skipped = probability_map(DarkPixels(), rgb, cfg, gate=0.5)
+    np.testing.assert_allclose(prob, plain[0], atol=1e-6)  # a pointwise detector is flip-invariant
+    assert (tiles, skipped) == plain[1:]
+
+
 def test_scales_resize_the_image_and_average_back_to_its_size():
     cfg = _cfg("evaluate.tile_size=64", "evaluate.tile_overlap=16")
     rgb = np.full((120, 200, 3), 128, np.uint8)
@@ -213,6 +224,10 @@ def test_predict_folder_writes_masks_statistics_and_reports_bad_files(model_dir,
     report = json.loads((out / "predictions.json").read_text())
     assert report["model"] == str(model_dir.resolve()) and len(report["images"]) == 3
     assert report["gate"] == 0 and report["scales"] == [1.0] and good["tiles_skipped"].sum() == 0
+    assert report["flip"] is False  # params.yaml's evaluate.flip
+    assert main(["predict", str(images / "road_b.jpg"), "--model", str(model_dir), "--out", str(tmp_path / "flip"),
+                 "--params", str(PARAMS), "--dataset", "synthetic", "--flip"]) == 0
+    assert json.loads((tmp_path / "flip" / "predictions.json").read_text())["flip"] is True
 
 
 def test_predict_warns_when_the_opt_in_gate_skips_most_tiles(model_dir, tmp_path, capsys, monkeypatch):

@@ -171,7 +171,7 @@ def test_whole_image_labels_train_crack_images_and_negatives_train_towards_backg
     pseudo[0, :, 0, :] = 255.0
     batch.pseudo, batch.has_pseudo = pseudo, torch.tensor([True, True, True, False])
     carry = phases.Carry()
-    target, usable, labels = phases.targets(batch, cfg, carry)
+    target, usable, labels = phases.targets(batch, cfg, carry, whole_image=True)
     assert usable.tolist() == [True, True, False, False]  # image 1 has no crack: a negative
     assert torch.equal(target[0], pseudo[0]) and target[1].sum() == 0 and labels == []
     runtime = Runtime(torch.device("cpu"))
@@ -181,10 +181,10 @@ def test_whole_image_labels_train_crack_images_and_negatives_train_towards_backg
     assert result.losses["det_images"] == 2
 
     off = _cfg("pseudo_labels.source=image", "pseudo_labels.min_pixels=4")
-    assert phases.targets(batch, off, carry)[1].tolist() == [True, False, False, False]
+    assert phases.targets(batch, off, carry, whole_image=True)[1].tolist() == [True, False, False, False]
     batch.pseudo = None
     with pytest.raises(TrainingError, match="whole-image labels"):
-        phases.targets(batch, off, carry)
+        phases.targets(batch, off, carry, whole_image=True)
 
 
 def test_finetuning_trains_the_classifier_and_detector_never_the_reconstructor():
@@ -213,4 +213,4 @@ def test_finetuning_targets_are_whole_image_labels_even_for_crop_labels():
     batch.pseudo, batch.has_pseudo = pseudo, torch.ones(4, dtype=torch.bool)
     target, usable, _ = phases.targets(batch, cfg, phases.Carry(), whole_image=True)
     assert usable.tolist() == [True, False, False, False] and torch.equal(target[0], pseudo[0])
-    assert phases.targets(batch, cfg, phases.Carry())[1].tolist() == [False] * 4  # no CRF labels: nothing
+    assert phases.targets(batch, cfg, phases.Carry(), whole_image=False)[1].tolist() == [False] * 4  # no CRF labels: nothing

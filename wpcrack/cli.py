@@ -136,6 +136,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
         params=Path(args.params),
         gate=args.gate,
         scales=args.scale,
+        flip=args.flip,
     )
 
 
@@ -310,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=float, nargs="+", default=[1.0], metavar="S",
                    help="resize the image by S before inference, e.g. 0.25 when cracks are 4x wider in pixels "
                         "than in the training images; several scales are averaged (default: 1)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="average the image's four flips, four passes (default: the model's evaluate.flip, "
+                        "off unless set)")
     p.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
     p.set_defaults(func=cmd_predict)
 

@@ -197,6 +197,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EvaluateConfig:
     threshold: float = 0.5
+    flip: bool = False  # average the detector over the image and its flips (test-time augmentation)
     tile_size: int = 256
     tile_overlap: int = 32
     figure_images: int = 4

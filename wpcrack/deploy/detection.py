@@ -153,15 +153,19 @@ def check_scales(scales: Sequence[float]) -> tuple[float, ...]:
 def probability_map(detector: torch.nn.Module, rgb: np.ndarray, cfg: Config, gate: float = DEFAULT_GATE,
                     scales: Sequence[float] = (1.0,)) -> tuple[np.ndarray, int, int]:
     """(crack probabilities float32 HxW, tiles, tiles skipped) of one RGB image of any size: the
-    mean over ``scales`` of the prediction of the image resized by each, resized back."""
-    from wpcrack.evaluate.inference import predict_image
+    mean over ``scales`` of the prediction of the image resized by each, resized back.
+
+    With ``evaluate.flip`` the gate sees each tile's four flips; the counts are per tile (skipped:
+    the mean over the flips)."""
+    from wpcrack.evaluate.inference import FLIPS, predict_image
 
     gated = GatedDetector(detector, check_gate(gate))
     total = np.zeros(rgb.shape[:2], dtype=np.float32)
     for scale in check_scales(scales):
         prob = predict_image(gated, resize_image(rgb, scaled_size(rgb.shape, scale)), cfg)
         total += resize_map(prob, rgb.shape[:2])
-    return total / len(scales), gated.tiles, gated.skipped
+    views = len(FLIPS) if cfg.evaluate.flip else 1
+    return total / len(scales), gated.tiles // views, round(gated.skipped / views)
 
 
 ONNX_CONFIG_KEY = "wpcrack_config"  # ONNX metadata: the resolved configuration (YAML)

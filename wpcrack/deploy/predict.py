@@ -321,8 +321,12 @@ def predict(
     params: str | Path | None = "params.yaml",
     gate: float = DEFAULT_GATE,
     scales: Sequence[float] = (1.0,),
+    flip: bool | None = None,
 ) -> pd.DataFrame:
     """Predict every input image; write masks, overlays, ``predictions.csv`` and ``predictions.json``.
+
+    ``flip`` None keeps ``evaluate.flip`` of the parameters (averaging the four flips costs four
+    passes; False is the fast path for large surveys).
 
     Unreadable files are listed with an ``error`` (and on stderr) and skipped; only having no
     readable image at all is an error.
@@ -339,6 +343,8 @@ def predict(
     if not files:
         raise DataError(", ".join(map(str, inputs)), f"no images to predict ({', '.join(IMAGE_SUFFIXES)})")
     detector, cfg, source = load_detector(model, dataset, params)
+    if flip is not None:
+        cfg = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, flip=flip))
     if gate > 0 and not supports_gate(detector):
         raise DataError(source, "this model has no classifier head for --gate (an ONNX export holds the "
                         "detector only); run without --gate")
@@ -357,6 +363,7 @@ def predict(
         table.to_csv(tmp, index=False)
     write_json(out_dir / "predictions.json", {
         "model": source, "threshold": cfg.evaluate.threshold, "gate": gate, "scales": list(scales),
+        "flip": cfg.evaluate.flip,
         "mm_per_pixel": mm_per_pixel,
         "images": json.loads(table.to_json(orient="records")),
     })

@@ -78,16 +78,25 @@ def to_batch(rgbs: list[np.ndarray], device: torch.device) -> torch.Tensor:
 # --- tiled prediction ------------------------------------------------------------------------
 
 
-def _predict_batch(model: torch.nn.Module, rgbs: list[np.ndarray]) -> list[np.ndarray]:
-    with torch.inference_mode():
-        return list(model.predict(to_batch(rgbs, model_device(model)))[:, 0].float().cpu().numpy())
+FLIPS = ((), (3,), (2,), (2, 3))  # identity, horizontal, vertical, both
+
+
+def _predict_batch(model: torch.nn.Module, rgbs: list[np.ndarray], flip: bool = False) -> list[np.ndarray]:
+    """Crack probabilities of same-size images; ``flip`` averages them over the four flips of each
+    image (a crack is a crack mirrored, the network's padding and strides are not symmetric)."""
+    x = to_batch(rgbs, model_device(model))
+    flips = FLIPS if flip else FLIPS[:1]
+    with torch.inference_mode():  # the flips go through as one batch
+        views = model.predict(torch.cat([torch.flip(x, dims) for dims in flips])).float().chunk(len(flips))
+        prob = torch.stack([torch.flip(view, dims) for view, dims in zip(views, flips, strict=True)]).mean(0)
+    return list(prob[:, 0].cpu().numpy())
 
 
 def predict_images(model: torch.nn.Module, rgbs: list[np.ndarray], cfg: Config) -> list[np.ndarray]:
     """Crack probabilities (float32 HxW each) of same-size images: one batch when they fit a tile."""
     h, w = rgbs[0].shape[:2]
     if h <= cfg.evaluate.tile_size and w <= cfg.evaluate.tile_size:
-        return _predict_batch(model, rgbs)
+        return _predict_batch(model, rgbs, cfg.evaluate.flip)
     return [_predict_tiled(model, rgb, cfg) for rgb in rgbs]
 
 
@@ -109,7 +118,7 @@ def _predict_tiled(model: torch.nn.Module, rgb: np.ndarray, cfg: Config, batch_s
     weight = np.zeros((h, w), dtype=np.float32)
     for i in range(0, len(boxes), batch_size):
         chunk = boxes[i:i + batch_size]
-        probs = _predict_batch(model, [rgb[y0:y1, x0:x1] for y0, y1, x0, x1 in chunk])
+        probs = _predict_batch(model, [rgb[y0:y1, x0:x1] for y0, y1, x0, x1 in chunk], cfg.evaluate.flip)
         for (y0, y1, x0, x1), prob in zip(chunk, probs, strict=True):
             win = tile_weights((y0, y1, x0, x1), h, w, overlap)
             out[y0:y1, x0:x1] += prob * win

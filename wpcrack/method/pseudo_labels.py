@@ -55,8 +55,6 @@ def gate_by_cam(dark: np.ndarray, cam: np.ndarray, threshold: float, gate: str) 
     inside = cam > threshold
     if gate == "pixel":
         return (dark.astype(bool) & inside).astype(np.uint8)
-    if gate != "component":
-        raise ValueError(f"unknown cam_gate {gate!r}; valid: pixel, component")
     import cv2
 
     count, blobs = cv2.connectedComponents(dark.astype(np.uint8), connectivity=8)

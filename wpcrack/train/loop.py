@@ -132,7 +132,7 @@ def _train(cfg: Config, out_dir: Path, resume: bool | None, track: bool, world: 
                 data.set_epoch(epoch)
                 if data_sampler is not None:
                     data_sampler.set_epoch(epoch)
-                if epoch == t.epochs and tuning:
+                if epoch == t.epochs:  # the first fine-tuning epoch (the loop reaches it only when there is one)
                     t_relabel = time.perf_counter()
                     if t.epochs:  # epochs 0 (supervised only): fine-tuning starts from ImageNet
                         _load_best(model, out_dir, world)

@@ -272,11 +272,11 @@ def classifier_step(
     return parts
 
 
-def targets(batch: Batch, cfg: Config, carry: Carry, whole_image: bool | None = None) -> tuple[Tensor, Tensor, list[np.ndarray]]:
+def targets(batch: Batch, cfg: Config, carry: Carry, whole_image: bool) -> tuple[Tensor, Tensor, list[np.ndarray]]:
     """(targets [B, 1, H, W], which images train the detector [B] bool, the crack images' new labels).
 
     Targets are the masks (supervised variant), the batch's cropped whole-image labels (source
-    image, or ``whole_image`` True as in fine-tuning) or the CRF pool's labels of the crack crops
+    image, and always in fine-tuning: ``whole_image``) or the CRF pool's labels of the crack crops
     (source crop); a crack image trains only when
     its label has ``min_pixels`` crack pixels (the selection mechanism). With ``negatives`` every
     crack-free image trains too, towards all background.
@@ -288,7 +288,7 @@ def targets(batch: Batch, cfg: Config, carry: Carry, whole_image: bool | None = 
         target[crack] = batch.mask[crack]
         usable = crack & batch.has_mask.to(crack.device)
     else:
-        if cfg.pseudo_labels.source == "image" if whole_image is None else whole_image:
+        if whole_image:
             if batch.pseudo is None:
                 raise TrainingError("pseudo_labels.source is image but the batch has no whole-image labels")
             target = torch.where(crack.view(-1, 1, 1, 1), batch.pseudo, target)
@@ -310,7 +310,7 @@ def detector_step(
     """Phase (c); ``seconds["crf_wait"]`` is the time spent waiting for the CRF pool."""
     result = StepResult()
     t0 = time.perf_counter()
-    target, usable, result.pseudo_labels = targets(batch, cfg, carry)
+    target, usable, result.pseudo_labels = targets(batch, cfg, carry, cfg.pseudo_labels.source == "image")
     result.seconds["crf_wait"] = time.perf_counter() - t0
     result.kept = usable[batch.crack].tolist() if result.pseudo_labels else []
     detach = cfg.train.detach_detector_features

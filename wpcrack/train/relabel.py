@@ -81,10 +81,10 @@ def relabel_crack_rows(model: torch.nn.Module, dataset, cfg: Config, runtime,
                 x = runtime.images(normalize(torch.from_numpy(np.stack(rgbs))))
                 labels.update(zip(chunk, labels_of(rgbs, x), strict=True))
     dataset.pseudo = labels
-    return label_diagnostic(labels, raws, crack_rows, cfg.pseudo_labels.min_pixels)
+    return _label_diagnostic(labels, raws, crack_rows, cfg.pseudo_labels.min_pixels)
 
 
-def label_diagnostic(labels: dict[int, np.ndarray], raws: dict, crack_rows: list[int], min_pixels: int) -> dict[str, float]:
+def _label_diagnostic(labels: dict[int, np.ndarray], raws: dict, crack_rows: list[int], min_pixels: int) -> dict[str, float]:
     """``pseudo_label_iou`` of the labels against the rows' masks (monitoring only) and the share of
     crack rows whose label has ``min_pixels`` crack pixels (``pseudo_label_kept``)."""
     with_mask = [i for i in crack_rows if raws[i][2]]
