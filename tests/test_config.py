@@ -1,5 +1,6 @@
 """The typed view of params.yaml: resolution order and loud failures."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,15 @@ def test_ablation_variants_match_table1_switches():
         "rec_ceccm": ("cls+rec", True, False),
         "full": ("cls+rec", True, True),
     }
+
+
+def test_seed_suffix_repeats_a_variant_with_another_train_seed():
+    rec, repeat = load_config(PARAMS, "deepcrack", "rec"), load_config(PARAMS, "deepcrack", "rec-seed2")
+    assert repeat.variant == "rec-seed2" and repeat.train.seed == 2 and rec.train.seed != 2
+    assert dataclasses.replace(repeat, variant="rec", train=rec.train) == rec  # nothing else differs
+    assert load_config(PARAMS, "deepcrack", "full-seed1", overrides=["train.seed=5"]).train.seed == 5
+    with pytest.raises(ConfigError, match="unknown variant 'nope-seed1'.*<variant>-seed<N>"):
+        load_config(PARAMS, "deepcrack", "nope-seed1")
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,8 @@
 
 Resolution order for one training run: the base sections, then the dataset's profile
 (``profiles.<name>``), then the dataset's own settings for that profile
-(``datasets.<name>.overrides.<profile>``), then the variant (``variants.<name>``), then command-line
+(``datasets.<name>.overrides.<profile>``), then the variant (``variants.<name>``; the name
+``<name>-seed<N>`` also sets ``train.seed`` N), then command-line
 overrides (``section.key=value``). Unknown keys and values of the wrong type are errors, so a typo in
 ``dvc exp run -S ...`` fails loudly instead of silently training the default.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -407,6 +409,16 @@ def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     return raw
 
 
+_SEED_SUFFIX = re.compile(r"^(?P<variant>.+)-seed(?P<seed>[0-9]+)$")
+
+
+def split_seed(variant: str) -> tuple[str, int | None]:
+    """``rec-seed1`` -> (``rec``, 1): a variant retrained with another ``train.seed`` (the repeats
+    of Table 1) has its own run, folder and MLflow tag; the other names -> (name, None)."""
+    match = _SEED_SUFFIX.match(variant)
+    return (match["variant"], int(match["seed"])) if match else (variant, None)
+
+
 def resolve(
     raw: dict[str, Any],
     dataset: str | None = None,
@@ -431,8 +443,10 @@ def resolve(
         profile = entry.get("profile", "cpu")
     if profile not in profiles:
         raise ConfigError(f"unknown profile {profile!r}; defined in params.yaml: {', '.join(profiles) or 'none'}")
-    if variant not in variants:
-        raise ConfigError(f"unknown variant {variant!r}; defined in params.yaml: {', '.join(variants) or 'none'}")
+    base, seed = split_seed(variant) if variant not in variants else (variant, None)
+    if base not in variants:
+        raise ConfigError(f"unknown variant {variant!r}; defined in params.yaml: {', '.join(variants) or 'none'} "
+                          f"(each also as <variant>-seed<N>, trained with train.seed N)")
 
     merged = deep_merge(raw, profiles[profile] or {})
     overrides_of_dataset = (entry.get("overrides") or {}).get(profile) or {}
@@ -440,7 +454,9 @@ def resolve(
         if meta in overrides_of_dataset:
             raise ConfigError(f"datasets.{dataset}.overrides.{profile}: '{meta}' cannot be overridden per dataset")
     merged = deep_merge(merged, overrides_of_dataset)
-    merged = deep_merge(merged, variants[variant] or {})
+    merged = deep_merge(merged, variants[base] or {})
+    if seed is not None:
+        merged = deep_merge(merged, {"train": {"seed": seed}})
     for text in overrides:
         merged = deep_merge(merged, parse_override(text))
     merged.update(profile=profile, dataset=dataset, variant=variant)

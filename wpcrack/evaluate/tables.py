@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from wpcrack.config import list_runs, load_config
+from wpcrack.config import list_runs, load_config, split_seed
 from wpcrack.evaluate import paper
 from wpcrack.io import atomic_path
 
@@ -72,15 +72,28 @@ def _paper(values: tuple[float, ...] | None) -> dict[str, float | None]:
     return {f"paper_{k}": (values[i] if values else None) for i, k in enumerate(paper.PRIMARY)}
 
 
+def _seed_runs(variant: str, variants: set[str]) -> list[str]:
+    """The variant and its repeats with other seeds (``<variant>-seed<N>``) defined for the dataset."""
+    repeats = {split_seed(v)[1]: v for v in variants if split_seed(v)[0] == variant and split_seed(v)[1] is not None}
+    return [variant, *(repeats[seed] for seed in sorted(repeats))]
+
+
 def ablation_table(results_dir: Path, dataset: str, variants: set[str]) -> pd.DataFrame:
+    """Table 1; with repeats (``<variant>-seed<N>`` runs) ``ours_*`` are the means over the evaluated
+    seeds, ``ours_iou_sd`` the sample standard deviation of their IoU."""
     rows = []
     for variant, (rec, ceccm, paam) in ABLATION_ROWS.items():
         if variant not in variants:
             continue
         published = paper.ABLATION_DEEPCRACK.get(variant) if dataset == "deepcrack" else None
+        runs = _seed_runs(variant, variants)
+        scored = [m for m in (read_metrics(results_dir, dataset, v) for v in runs) if m and m.get("detector")]
+        ours = pd.DataFrame([_ours(m, "detector") for m in scored], columns=list(_ours(None, "detector")))
+        mean = {k: (None if ours[k].isna().all() else float(ours[k].mean())) for k in ours.columns}
+        sd = float(ours["ours_iou"].std(ddof=1)) if len(scored) > 1 else None
         rows.append({
-            "variant": variant, "Rec.E": rec, "CECCM": ceccm, "PAAM": paam,
-            **_ours(read_metrics(results_dir, dataset, variant), "detector"), **_paper(published),
+            "variant": variant, "Rec.E": rec, "CECCM": ceccm, "PAAM": paam, **mean,
+            "ours_iou_sd": sd, "seeds": f"{len(scored)} of {len(runs)}", **_paper(published),
         })
     return pd.DataFrame(rows)
 
@@ -150,9 +163,12 @@ def compare(params: Path, dataset: str) -> dict[str, Path]:
         "ablation.md": (
             f"# Ablation on {dataset} (paper Table 1)\n\n{note}\n\n"
             "Metrics in percent (design.md section 1: counts summed over the test set, threshold 0.5). "
-            "`ours_*` come from `results/<dataset>/<variant>/metrics.json`; `paper_*` are the published "
-            "numbers (DeepCrack only). A row of dashes has no evaluation of the current code and profile "
-            f"yet: `dvc repro evaluate@{dataset}-<variant>` trains and scores it.\n\n" + to_markdown(ablation)
+            "`ours_*` come from `results/<dataset>/<variant>/metrics.json`, averaged with the variant's "
+            "repeats with other seeds (`<variant>-seed<N>` in params.yaml `runs`) that are evaluated: `seeds` "
+            "says how many of those defined, `ours_iou_sd` is the IoU's sample standard deviation over them. "
+            "`paper_*` are the published numbers (DeepCrack only, one run). A row of dashes has no evaluation "
+            f"of the current code and profile yet: `dvc repro evaluate@{dataset}-<variant>` trains and scores "
+            "it.\n\n" + to_markdown(ablation)
         ),
         "comparison.md": (
             f"# Comparison on {dataset} (paper Tables 2-4)\n\n{note}\n\n"
