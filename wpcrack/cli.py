@@ -312,8 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resize the image by S before inference, e.g. 0.25 when cracks are 4x wider in pixels "
                         "than in the training images; several scales are averaged (default: 1)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                   help="average the image's four flips, four passes (default: the model's evaluate.flip, "
-                        "off unless set)")
+                   help="average the image's four flips, four passes (default: evaluate.flip of --params, "
+                        "else of the model)")
     p.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
     p.set_defaults(func=cmd_predict)
 

@@ -74,8 +74,8 @@ def _paper(values: tuple[float, ...] | None) -> dict[str, float | None]:
 
 def _seed_runs(variant: str, variants: set[str]) -> list[str]:
     """The variant and its repeats with other seeds (``<variant>-seed<N>``) defined for the dataset."""
-    repeats = {split_seed(v)[1]: v for v in variants if split_seed(v)[0] == variant and split_seed(v)[1] is not None}
-    return [variant, *(repeats[seed] for seed in sorted(repeats))]
+    repeats = sorted((seed, v) for v in variants for base, seed in [split_seed(v)] if base == variant and seed is not None)
+    return [variant, *(v for _, v in repeats)]
 
 
 def ablation_table(results_dir: Path, dataset: str, variants: set[str]) -> pd.DataFrame:
