@@ -97,6 +97,8 @@ def test_seed_suffix_repeats_a_variant_with_another_train_seed():
         ("evaluate.threshold=1.5", "evaluate.threshold: 1.5 must be in (0, 1)"),
         ("pseudo_labels.cam_scales=[1.0,0]", "pseudo_labels.cam_scales: (1.0, 0.0) must be > 0"),
         ("pseudo_labels.darkness.block=1", "pseudo_labels.darkness.block: 1 must be >= 3"),
+        ("train.ema_decay=1", "train.ema_decay: 1.0 must be in "),
+        ("evaluate.tile_overlap=256", "evaluate.tile_overlap: 256 must be smaller than evaluate.tile_size (256)"),
     ],
 )
 def test_bad_values_are_named(override, message):

@@ -90,8 +90,8 @@ def _kill_in_epoch_two(monkeypatch, cfg, out: Path) -> None:
     assert checkpoint.load(out / "checkpoint.pt")["run"]["epoch"] == 1
 
 
-@pytest.mark.parametrize(("overrides", "resume"), [((), True), (IMAGE_LABELS, None)],
-                         ids=["--resume", "dvc-stage-default-with-whole-image-labels"])
+@pytest.mark.parametrize(("overrides", "resume"), [((), True), (IMAGE_LABELS, None), (("train.ema_decay=0.5",), None)],
+                         ids=["--resume", "dvc-stage-default-with-whole-image-labels", "with-weight-average"])
 def test_resume_after_a_kill_ends_with_the_same_weights(tiny_data, tmp_path, monkeypatch, overrides, resume):
     """``resume=None`` is what ``dvc repro train@<run>`` runs (no flag): it must continue by itself.
     With whole-image labels remade every 2 epochs, the labels of epoch 1 travel in the checkpoint."""
@@ -159,6 +159,23 @@ def test_finetuning_starts_from_the_best_model_and_resumes_exactly(tiny_data, tm
     for name in ("checkpoint.pt", "best.pt"):
         a, b = _weights(tmp_path / "straight" / name), _weights(tmp_path / "resumed" / name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_weight_averaging_keeps_the_average_and_leaves_the_training_path_alone(tiny_data, tmp_path):
+    """With ``ema_decay`` best.pt holds averaged weights (not those of any epoch's end), while the
+    live weights train exactly as without averaging."""
+    plain = train(_cfg(tiny_data), tmp_path / "plain", track=False)
+    averaged = train(_cfg(tiny_data, "train.ema_decay=0.5"), tmp_path / "ema", track=False)
+    live_plain, live_ema = _weights(tmp_path / "plain" / "checkpoint.pt"), _weights(tmp_path / "ema" / "checkpoint.pt")
+    assert all(torch.equal(live_plain[k], live_ema[k]) for k in live_plain)
+    shadow = checkpoint.load(tmp_path / "ema" / "checkpoint.pt")["average"]
+    assert shadow["updates"] == averaged["steps"] == plain["steps"]
+    best = _weights(tmp_path / "ema" / "best.pt")
+    float_keys = [k for k in best if best[k].is_floating_point()]
+    if averaged["best_epoch"] == averaged["epochs"]:
+        assert all(torch.equal(best[k], shadow["shadow"][k]) for k in best)
+    assert any(not torch.equal(best[k], live_ema[k]) for k in float_keys)
+    assert "average" not in checkpoint.load(tmp_path / "plain" / "checkpoint.pt")
 
 
 def test_the_supervised_recipe_alone_fine_tunes_from_imagenet(tiny_data, tmp_path, monkeypatch):

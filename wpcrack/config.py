@@ -194,6 +194,9 @@ class TrainConfig:
     finetune_crop_size: int = 192
     finetune_lr: float = 1e-3
     finetune_labels: Literal["pseudo", "detector"] = "pseudo"
+    # Exponential moving average of the weights (wpcrack.train.averaging): validated, kept and deployed
+    # instead of the live weights; 0: off (the paper's schedule).
+    ema_decay: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -363,7 +366,8 @@ _LIMITS: dict[type, dict[str, tuple[Callable[[Any], bool], str]]] = {
                   "lr_detector": _POSITIVE, "momentum": _HALF_OPEN_UNIT, "weight_decay": _NON_NEGATIVE,
                   "poly_power": _POSITIVE, "detector_warmup_epochs": _NON_NEGATIVE,
                   "max_steps_per_epoch": _ONE_OR_MORE, "num_workers": _NON_NEGATIVE, "val_every": _ONE_OR_MORE,
-                  "finetune_epochs": _NON_NEGATIVE, "finetune_crop_size": _NON_NEGATIVE, "finetune_lr": _POSITIVE},
+                  "finetune_epochs": _NON_NEGATIVE, "finetune_crop_size": _NON_NEGATIVE, "finetune_lr": _POSITIVE,
+                  "ema_decay": _HALF_OPEN_UNIT},
     EvaluateConfig: {"threshold": _OPEN_UNIT, "tile_size": _ONE_OR_MORE, "tile_overlap": _NON_NEGATIVE,
                      "figure_images": _NON_NEGATIVE, "pr_thresholds": (lambda v: v >= 2, "must be >= 2")},
     BenchmarkConfig: {"size": _ONE_OR_MORE, "batch_sizes": _ONE_OR_MORE, "warmup": _NON_NEGATIVE,
@@ -465,6 +469,10 @@ def resolve(
     if t.epochs == 0 and not (t.finetune_epochs and t.detector_target == "mask"):
         raise ConfigError("train.epochs: 0 (fine-tuning alone, from ImageNet) needs train.finetune_epochs > 0 and "
                           "train.detector_target: mask; weak labels need the three-phase epochs' classifier")
+    e = cfg.evaluate
+    if e.tile_overlap >= e.tile_size:
+        raise ConfigError(f"evaluate.tile_overlap: {e.tile_overlap} must be smaller than evaluate.tile_size "
+                          f"({e.tile_size}): the tiles would not advance")
     return cfg
 
 

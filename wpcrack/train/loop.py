@@ -46,6 +46,7 @@ from wpcrack.errors import ConfigError, TrainingError
 from wpcrack.io import atomic_path, write_json
 from wpcrack.method.pseudo_labels import CRFPool, confusion, iou_of
 from wpcrack.train import checkpoint, finetune, relabel
+from wpcrack.train.averaging import WeightAverage, averaged
 from wpcrack.train.distributed import World, process_group
 from wpcrack.train.optim import Optimizers, build_optimizers, freeze_batchnorm
 from wpcrack.train.phases import Batch, Runtime, train_step
@@ -109,7 +110,9 @@ def _train(cfg: Config, out_dir: Path, resume: bool | None, track: bool, world: 
         if t.finetune_epochs:
             optimizers.add_finetune(*finetune.build_optimizer(model, cfg, t.finetune_epochs * tune_steps))
         prints = checkpoint.fingerprints(cfg.to_dict(), manifest)
-        run, labels_diag = _take_over(out_dir, cfg, prints, resume, model, optimizers, generator, train_set, world)
+        average = WeightAverage(model, t.ema_decay) if t.ema_decay else None
+        run, labels_diag = _take_over(out_dir, cfg, prints, resume, model, optimizers, generator, train_set, world,
+                                      average)
         if tune_set is not None:
             tune_set.pseudo = train_set.pseudo  # resumed inside fine-tuning: its labels came with the checkpoint
         total = t.epochs + t.finetune_epochs
@@ -136,6 +139,8 @@ def _train(cfg: Config, out_dir: Path, resume: bool | None, track: bool, world: 
                     t_relabel = time.perf_counter()
                     if t.epochs:  # epochs 0 (supervised only): fine-tuning starts from ImageNet
                         _load_best(model, out_dir, world)
+                        if average is not None:
+                            average.reset(model)
                     labels_diag = finetune.make_labels(model, tune_set, cfg, runtime, pool)
                     labels_diag["relabel_s"] = time.perf_counter() - t_relabel
                     train_set.pseudo = tune_set.pseudo
@@ -146,28 +151,29 @@ def _train(cfg: Config, out_dir: Path, resume: bool | None, track: bool, world: 
                     labels_diag["relabel_s"] = time.perf_counter() - t_relabel
                     packed = _pack(train_set.pseudo)
                 if tuning:
-                    step = lambda batch: finetune.finetune_step(  # noqa: E731
-                        model, optimizers.finetune, optimizers.schedulers["finetune"], batch, cfg, runtime)
+                    step = _averaging(lambda batch: finetune.finetune_step(
+                        model, optimizers.finetune, optimizers.schedulers["finetune"], batch, cfg, runtime), average, model)
                     row = _train_epoch(step, tune_loader, tune_steps, runtime, epoch, total, run, out_dir)
                     row["lr"] = optimizers.finetune.param_groups[0]["lr"]
                 else:
                     train_detector = epoch >= t.detector_warmup_epochs
-                    step = lambda batch: train_step(  # noqa: E731
-                        model, optimizers, batch, cfg, runtime, pool, train_detector)
+                    step = _averaging(lambda batch: train_step(
+                        model, optimizers, batch, cfg, runtime, pool, train_detector), average, model)
                     row = _train_epoch(step, loader, steps, runtime, epoch, total, run, out_dir)
                     group = optimizers.classifier.param_groups[0]
                     row["lr"] = t.lr * group["lr"] / group["initial_lr"]
                 row |= labels_diag
                 if (epoch + 1) % t.val_every == 0 or epoch + 1 == total:
-                    val, examples = validate(model, val_set, cfg, runtime, pool)
-                    row |= val
-                    if val["val_score"] > run.best_score:
-                        run.best_score, run.best_epoch = val["val_score"], epoch + 1
-                        if main:
-                            checkpoint.save(out_dir / checkpoint.BEST, {
-                                "model": model.state_dict(), "config": cfg.to_dict(), "epoch": epoch + 1,
-                                "val_score": val["val_score"], "git_commit": commit,
-                            })
+                    with averaged(average, model):  # the averaged weights are scored and kept
+                        val, examples = validate(model, val_set, cfg, runtime, pool)
+                        row |= val
+                        if val["val_score"] > run.best_score:
+                            run.best_score, run.best_epoch = val["val_score"], epoch + 1
+                            if main:
+                                checkpoint.save(out_dir / checkpoint.BEST, {
+                                    "model": model.state_dict(), "config": cfg.to_dict(), "epoch": epoch + 1,
+                                    "val_score": val["val_score"], "git_commit": commit,
+                                })
                 row["epoch_s"] = time.perf_counter() - t_epoch  # wall clock: steps, waiting and validation
                 run.seconds["wall_s"] = run.seconds.get("wall_s", 0.0) + row["epoch_s"]
                 run.history.append(row)
@@ -177,7 +183,7 @@ def _train(cfg: Config, out_dir: Path, resume: bool | None, track: bool, world: 
                         "model": model.state_dict(), **optimizers.state_dict(),
                         "rng": checkpoint.rng_state(generator), "run": asdict(run), "config": cfg.to_dict(),
                         "git_commit": commit, "fingerprints": prints, "pseudo_labels": packed,
-                        "labels_diag": labels_diag,
+                        "labels_diag": labels_diag, **({"average": average.state_dict()} if average else {}),
                     })
                     _write_metrics(run, out_dir)
                     tracker.log_metrics(_numeric(row), step=epoch + 1)
@@ -219,6 +225,19 @@ def _loader(dataset, cfg: Config, world: World, generator: torch.Generator, runt
         worker_init_fn=_seed_worker, pin_memory=runtime.device.type == "cuda",
     )
     return sampler, loader, min(len(loader), t.max_steps_per_epoch or len(loader))
+
+
+def _averaging(step, average: WeightAverage | None, model):
+    """``step`` followed by an update of the weight average (``step`` itself when averaging is off)."""
+    if average is None:
+        return step
+
+    def step_and_average(batch):
+        result = step(batch)
+        average.update(model)
+        return result
+
+    return step_and_average
 
 
 def _load_best(model, out_dir: Path, world: World) -> None:
@@ -447,7 +466,8 @@ def _deterministic(runtime: Runtime) -> Iterator[None]:
 
 
 def _take_over(out_dir: Path, cfg: Config, prints: dict[str, str], resume: bool | None, model,
-               optimizers: Optimizers, generator: torch.Generator, train_set, world: World) -> tuple[RunState, dict]:
+               optimizers: Optimizers, generator: torch.Generator, train_set, world: World,
+               average: WeightAverage | None = None) -> tuple[RunState, dict]:
     """(run state, last relabelling's diagnostic) to start from: a restored checkpoint, or a fresh
     run (a stale best.pt removed) when there is none, ``resume`` is False or it cannot be resumed."""
     path = out_dir / checkpoint.CHECKPOINT
@@ -459,6 +479,8 @@ def _take_over(out_dir: Path, cfg: Config, prints: dict[str, str], resume: bool 
             optimizers.load_state_dict(state)
             checkpoint.set_rng_state(state["rng"], generator)
             train_set.pseudo = _unpack(state.get("pseudo_labels"))
+            if average is not None:
+                average.load_state_dict(state["average"])
             run = RunState(**{**state["run"], "resumed_from_epoch": int(state["run"]["epoch"])})
             if world.is_main:
                 print(f"{path}: resuming after epoch {run.epoch} of {cfg.train.epochs + cfg.train.finetune_epochs}",
