@@ -8,16 +8,25 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from wpcrack.config import load_config
 from wpcrack.evaluate import report
+from wpcrack.evaluate.tables import Results
+from wpcrack.train.checkpoint import config_fingerprint
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
 
-def _metrics(root: Path, variant: str, **modes: float) -> None:
+def _metrics(root: Path, variant: str, config_sha256: str | None = None, **modes: float) -> None:
+    """A metrics file as evaluate writes it; the model's config fingerprint is the current params.yaml's
+    for the run unless ``config_sha256`` says otherwise."""
     path = root / "results" / "deepcrack" / variant / "metrics.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({mode: {"precision": 1.0, "recall": 2.0, "accuracy": 3.0, "f1": 4.0, "iou": iou}
-                                for mode, iou in modes.items()}))
+    metrics = {mode: {"precision": 1.0, "recall": 2.0, "accuracy": 3.0, "f1": 4.0, "iou": iou}
+               for mode, iou in modes.items()}
+    if variant != "classical":
+        current = config_fingerprint(load_config(PARAMS, dataset="deepcrack", variant=variant).to_dict())
+        metrics["model"] = {"config_sha256": config_sha256 or current}
+    path.write_text(json.dumps(metrics))
 
 
 def _project(root: Path) -> Path:
@@ -42,7 +51,7 @@ def _project(root: Path) -> Path:
 
 def test_diagnosis_rows_follow_the_chain(tmp_path):
     _project(tmp_path)
-    rows = report.diagnosis_rows(tmp_path / "results", tmp_path / "models", tmp_path / "reports", "deepcrack")
+    rows = report.diagnosis_rows(Results(tmp_path / "results", "deepcrack"), tmp_path / "models", tmp_path / "reports")
     iou = [r["iou"] for r in rows]
     assert iou == [9.0, 20.0, 25.0, 11.0, 30.0, 38.0, 45.0, 45.0, 44.0, 50.0]  # fractions become percent
     assert rows[1]["note"] == "75 % kept" and rows[2]["note"] == "epoch 6"
@@ -96,3 +105,19 @@ def test_report_cli_writes_only_the_pages_asked_for(tmp_path, capsys):
     assert index.is_file() and not (pages / "cfd.md").exists()
     assert main(["report", "synthetic", "--params", str(params), "--pages", str(pages)]) == 2
     assert "no results page for dataset 'synthetic'" in capsys.readouterr().err
+
+
+def test_a_model_trained_with_another_configuration_is_left_out_and_named(tmp_path):
+    """Pages regenerated across sittings: metrics of a model whose config is not params.yaml's now
+    read as not evaluated, and the page says which runs wait for a retrain."""
+    params = _project(tmp_path)
+    _metrics(tmp_path, "supervised", config_sha256="0" * 64, detector=50.0)
+    results = Results(tmp_path / "results", "deepcrack", params)
+    assert results.get("full")["detector"]["iou"] == 45.0
+    assert results.get("supervised") is None and results.get("classical")["classical"]["iou"] == 38.0
+    assert results.stale == ["supervised"]
+    page = report.write_dataset_report(params, "deepcrack", tmp_path / "pages").read_text()
+    assert "not yet retrained with the current params.yaml" in page and "`deepcrack-supervised`" in page
+    upper = next(r for r in report.diagnosis_rows(results, tmp_path / "models", tmp_path / "reports")
+                 if r["step"] == report.UPPER_BOUND_STEP)
+    assert upper["iou"] is None

@@ -6,7 +6,7 @@ import math
 import pandas as pd
 import pytest
 
-from wpcrack.evaluate.tables import ablation_table, to_markdown
+from wpcrack.evaluate.tables import Results, ablation_table, to_markdown
 
 
 def _metrics(root, variant: str, iou: float, precision: float) -> None:
@@ -24,7 +24,7 @@ def test_ablation_rows_average_the_evaluated_seeds(tmp_path):
     _metrics(tmp_path, "full-seed2", 70.0, 82.0)  # full-seed1 is defined but not evaluated yet
     _metrics(tmp_path, "cls_only-seed1", 10.0, 10.0)  # not a Table 1 row
     variants = {"rec", "rec-seed1", "rec-seed2", "full", "full-seed1", "full-seed2", "cls_det", "cls_only-seed1"}
-    table = ablation_table(tmp_path, "deepcrack", variants).set_index("variant")
+    table = ablation_table(Results(tmp_path, "deepcrack"), variants).set_index("variant")
 
     assert list(table.index) == ["cls_det", "rec", "full"]
     rec = table.loc["rec"]
@@ -36,6 +36,6 @@ def test_ablation_rows_average_the_evaluated_seeds(tmp_path):
     assert full["seeds"] == "2 of 3"
     cls_det = table.loc["cls_det"]  # defined, never evaluated: dashes, no spread
     assert pd.isna(cls_det["ours_iou"]) and pd.isna(cls_det["ours_iou_sd"]) and cls_det["seeds"] == "0 of 1"
-    one = ablation_table(tmp_path, "deepcrack", {"rec"}).set_index("variant").loc["rec"]
+    one = ablation_table(Results(tmp_path, "deepcrack"), {"rec"}).set_index("variant").loc["rec"]
     assert one["ours_iou"] == pytest.approx(60.0) and pd.isna(one["ours_iou_sd"]) and one["seeds"] == "1 of 1"
     assert "| cls_det |  |  |  | – |" in to_markdown(table.reset_index())  # unevaluated: dashes

@@ -501,6 +501,12 @@ def list_runs(path: str | Path = "params.yaml") -> dict[str, dict[str, str]]:
     return runs
 
 
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """A resolved configuration stored as a dict (a checkpoint's ``config``) as a Config; keys added
+    to the dataclasses since it was written take their defaults."""
+    return _build(Config, values, "")
+
+
 def dump_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved configuration next to a run's outputs."""
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

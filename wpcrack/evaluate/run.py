@@ -80,6 +80,15 @@ def protocol(cfg: Config) -> dict:
     }
 
 
+def trained_config_sha256(model_dir: Path) -> str | None:
+    """The training-config fingerprint of the model in ``model_dir`` (from its checkpoint's own config):
+    the compare and report stages count its metrics only while params.yaml resolves to the same."""
+    from wpcrack.train.checkpoint import BEST, config_fingerprint, load
+
+    saved = load(Path(model_dir) / BEST).get("config")
+    return config_fingerprint(saved) if saved else None
+
+
 def evaluate(cfg: Config, model_dir: Path, out_dir: Path) -> dict:
     """Score the model in ``model_dir`` on the test split; write predictions, metrics, PR curve, figure."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -114,7 +123,7 @@ def evaluate(cfg: Config, model_dir: Path, out_dir: Path) -> dict:
 
     metrics = {m: acc.summary() for m, acc in accs.items()}
     metrics["protocol"] = protocol(cfg)
-    metrics["model"] = {"weights_md5": weights_digest(model.slim())}
+    metrics["model"] = {"weights_md5": weights_digest(model.slim()), "config_sha256": trained_config_sha256(model_dir)}
     metrics["gate"] = {"threshold": GATE, "tiles": gated.tiles, "skipped": gated.skipped}
     write_json(out_dir / "metrics.json", metrics)
     train = model_dir / "train_metrics.json"

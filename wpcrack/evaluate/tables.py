@@ -2,13 +2,15 @@
 
 Source of truth: the DVC metrics files `results/<dataset>/<variant>/metrics.json` written by the
 evaluate stage (the same numbers MLflow holds). Our numbers and the paper's published numbers are
-kept in separate, labelled columns.
+kept in separate, labelled columns. A run's metrics count only while its model is the one
+params.yaml would train now (``Results``): tables regenerated across several sittings, or after a
+training change that not every run has caught up with, never mix settings.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -63,6 +65,43 @@ def read_metrics(results_dir: Path, dataset: str, variant: str) -> dict | None:
     return json.loads(path.read_text())
 
 
+@dataclass
+class Results:
+    """The evaluated runs of one dataset that count.
+
+    With ``params``, a model's metrics are read only when the configuration fingerprint that evaluate
+    recorded (``model.config_sha256``, from the checkpoint's own config) equals the one params.yaml
+    resolves for the run now; the others are listed in ``stale`` and read as not evaluated. The
+    classical baseline has no model and always counts. ``params`` None reads every file (tests).
+    """
+
+    results_dir: Path
+    dataset: str
+    params: Path | None = None
+    stale: list[str] = field(default_factory=list)
+
+    def get(self, variant: str) -> dict | None:
+        metrics = read_metrics(self.results_dir, self.dataset, variant)
+        if metrics is None or self.params is None or variant == CLASSICAL:
+            return metrics
+        from wpcrack.train.checkpoint import config_fingerprint
+
+        expected = config_fingerprint(load_config(self.params, dataset=self.dataset, variant=variant).to_dict())
+        if (metrics.get("model") or {}).get("config_sha256") == expected:
+            return metrics
+        if variant not in self.stale:
+            self.stale.append(variant)
+        return None
+
+    def stale_note(self) -> str:
+        """A sentence naming the runs left out, or ''."""
+        if not self.stale:
+            return ""
+        runs = ", ".join(f"`{self.dataset}-{v}`" if v != "full" else f"`{self.dataset}`" for v in sorted(self.stale))
+        return (f"Left out as not yet retrained with the current params.yaml (their models were trained with "
+                f"another configuration; `dvc repro evaluate@<run>` retrains and scores them): {runs}.")
+
+
 def _ours(metrics: dict | None, mode: str) -> dict[str, float | None]:
     values = (metrics or {}).get(mode) or {}
     return {f"ours_{k}": values.get(k) for k in paper.PRIMARY}
@@ -78,16 +117,16 @@ def _seed_runs(variant: str, variants: set[str]) -> list[str]:
     return [variant, *(v for _, v in repeats)]
 
 
-def ablation_table(results_dir: Path, dataset: str, variants: set[str]) -> pd.DataFrame:
+def ablation_table(results: Results, variants: set[str]) -> pd.DataFrame:
     """Table 1; with repeats (``<variant>-seed<N>`` runs) ``ours_*`` are the means over the evaluated
     seeds, ``ours_iou_sd`` the sample standard deviation of their IoU."""
     rows = []
     for variant, (rec, ceccm, paam) in ABLATION_ROWS.items():
         if variant not in variants:
             continue
-        published = paper.ABLATION_DEEPCRACK.get(variant) if dataset == "deepcrack" else None
+        published = paper.ABLATION_DEEPCRACK.get(variant) if results.dataset == "deepcrack" else None
         runs = _seed_runs(variant, variants)
-        scored = [m for m in (read_metrics(results_dir, dataset, v) for v in runs) if m and m.get("detector")]
+        scored = [m for m in (results.get(v) for v in runs) if m and m.get("detector")]
         ours = pd.DataFrame([_ours(m, "detector") for m in scored], columns=list(_ours(None, "detector")))
         mean = {k: (None if ours[k].isna().all() else float(ours[k].mean())) for k in ours.columns}
         sd = float(ours["ours_iou"].std(ddof=1)) if len(scored) > 1 else None
@@ -98,8 +137,8 @@ def ablation_table(results_dir: Path, dataset: str, variants: set[str]) -> pd.Da
     return pd.DataFrame(rows)
 
 
-def comparison_table(results_dir: Path, dataset: str, variants: set[str]) -> pd.DataFrame:
-    published = paper.COMPARISON.get(dataset, {})
+def comparison_table(results: Results, variants: set[str]) -> pd.DataFrame:
+    published = paper.COMPARISON.get(results.dataset, {})
     rows = []
     for row in COMPARISON_ROWS:
         if row.variant not in variants | {CLASSICAL}:
@@ -107,7 +146,7 @@ def comparison_table(results_dir: Path, dataset: str, variants: set[str]) -> pd.
         paper_values = published[row.paper_method][1] if row.paper_method in published else None
         rows.append({
             "method": row.method, "variant": row.variant, "mode": row.mode,
-            **_ours(read_metrics(results_dir, dataset, row.variant), row.mode),
+            **_ours(results.get(row.variant), row.mode),
             "paper_method": row.paper_method or "", **_paper(paper_values),
         })
     return pd.DataFrame(rows)
@@ -152,11 +191,12 @@ def compare(params: Path, dataset: str) -> dict[str, Path]:
     """Write reports/<dataset>/{ablation,comparison}.{md,csv} and log them to MLflow."""
     cfg = load_config(params, dataset=dataset)
     variants = {r["variant"] for r in list_runs(params).values() if r["dataset"] == dataset}
-    results_dir = Path(cfg.paths.results)
+    results = Results(Path(cfg.paths.results), dataset, params)
     out = Path(cfg.paths.reports) / dataset
     note = SPLIT_NOTES.get(dataset, "")
-    ablation = ablation_table(results_dir, dataset, variants)
-    comparison = comparison_table(results_dir, dataset, variants)
+    ablation = ablation_table(results, variants)
+    comparison = comparison_table(results, variants)
+    stale = f"\n\n{results.stale_note()}" if results.stale else ""
     files = {
         "ablation.csv": ablation.to_csv(index=False),
         "comparison.csv": comparison.to_csv(index=False),
@@ -167,13 +207,13 @@ def compare(params: Path, dataset: str) -> dict[str, Path]:
             "repeats with other seeds (`<variant>-seed<N>` in params.yaml `runs`) that are evaluated: `seeds` "
             "says how many of those defined, `ours_iou_sd` is the IoU's sample standard deviation over them. "
             "`paper_*` are the published numbers (DeepCrack only, one run). A row of dashes has no evaluation "
-            f"of the current code and profile yet: `dvc repro evaluate@{dataset}-<variant>` trains and scores "
-            "it.\n\n" + to_markdown(ablation)
+            f"of the current configuration yet: `dvc repro evaluate@{dataset}-<variant>` trains and scores "
+            f"it.{stale}\n\n" + to_markdown(ablation)
         ),
         "comparison.md": (
             f"# Comparison on {dataset} (paper Tables 2-4)\n\n{note}\n\n"
             "Baselines are trained by the same pipeline. `paper_*` columns hold the paper's published "
-            "numbers for the matching method, where one exists.\n\n" + to_markdown(comparison)
+            f"numbers for the matching method, where one exists.{stale}\n\n" + to_markdown(comparison)
             + (f"\n## The paper's published table for {dataset}\n\n" + paper_table(dataset) if paper_table(dataset) else "")
         ),
     }

@@ -39,6 +39,14 @@ def training_config(config: dict[str, Any]) -> dict[str, Any]:
     return {k: config.get(k) for k in TRAINING_SECTIONS}
 
 
+def config_fingerprint(config: dict[str, Any]) -> str:
+    """sha256 of the weight-deciding sections of a resolved config dict, old or new (missing keys take
+    their defaults): equal for a model and the params that would train it again."""
+    from wpcrack.config import config_from_dict
+
+    return _sha256(training_config(config_from_dict(config).to_dict()))
+
+
 def _sha256(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
