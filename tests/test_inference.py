@@ -184,6 +184,7 @@ def test_evaluate_end_to_end_on_synthetic_data(tmp_path, monkeypatch, tiny_model
     from wpcrack.data.prepare import prepare
     from wpcrack.evaluate import run
     from wpcrack.evaluate.score import score_folders
+    from wpcrack.train.checkpoint import config_fingerprint
 
     tracked = []
     monkeypatch.setattr(run, "_track", lambda *args: tracked.append(args))  # MLflow: the lead's e2e test
@@ -193,10 +194,11 @@ def test_evaluate_end_to_end_on_synthetic_data(tmp_path, monkeypatch, tiny_model
         "prepare.synthetic.test=3", "evaluate.figure_images=2", "pseudo_labels.iterations=2",
     )
     prepare(cfg, "synthetic")
-    torch.save({"model": tiny_model.state_dict()}, tmp_path / "best.pt")
+    torch.save({"model": tiny_model.state_dict(), "config": cfg.to_dict()}, tmp_path / "best.pt")
     out = tmp_path / "results"
     metrics = run.evaluate(cfg, tmp_path, out)
     assert len(tracked) == 1
+    assert metrics["model"]["config_sha256"] == config_fingerprint(cfg.to_dict())  # what compare checks
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     for mode in run.MODES:
         assert {"precision", "recall", "accuracy", "f1", "iou", "extra_miou", "extra_ods_f1"} <= set(metrics[mode])

@@ -121,3 +121,18 @@ def test_a_model_trained_with_another_configuration_is_left_out_and_named(tmp_pa
     upper = next(r for r in report.diagnosis_rows(results, tmp_path / "models", tmp_path / "reports")
                  if r["step"] == report.UPPER_BOUND_STEP)
     assert upper["iou"] is None
+
+
+def test_results_resolve_params_once_per_variant(tmp_path, monkeypatch):
+    """A page asks for `full` several times (both tables, the diagnosis): params.yaml is resolved once."""
+    from wpcrack.evaluate import tables
+
+    params = _project(tmp_path)
+    calls = []
+    real = tables.load_config
+    monkeypatch.setattr(tables, "load_config", lambda *a, **k: calls.append(k["variant"]) or real(*a, **k))
+    results = Results(tmp_path / "results", "deepcrack", params)
+    first = results.get("full")
+    assert results.get("full") == first and first["detector"]["iou"] == 45.0
+    results.get("supervised")
+    assert calls == ["full", "supervised"]

@@ -27,7 +27,15 @@ import torch
 from wpcrack.config import Config
 from wpcrack.errors import DataError
 from wpcrack.evaluate.figures import FigureRow, pick_rows, write_curves, write_figure
-from wpcrack.evaluate.inference import at_model_scale, eval_views, inference_size, load_trained, predict_image, score_size
+from wpcrack.evaluate.inference import (
+    at_model_scale,
+    eval_views,
+    inference_size,
+    model_from_checkpoint,
+    predict_image,
+    read_checkpoint,
+    score_size,
+)
 from wpcrack.evaluate.metrics import ConfusionAccumulator, align, format_table, summary_row
 from wpcrack.io import atomic_dir, atomic_path, read_image, read_mask, write_image, write_json
 
@@ -80,12 +88,12 @@ def protocol(cfg: Config) -> dict:
     }
 
 
-def trained_config_sha256(model_dir: Path) -> str | None:
-    """The training-config fingerprint of the model in ``model_dir`` (from its checkpoint's own config):
-    the compare and report stages count its metrics only while params.yaml resolves to the same."""
-    from wpcrack.train.checkpoint import BEST, config_fingerprint, load
+def trained_config_sha256(ckpt: dict) -> str | None:
+    """The training-config fingerprint of a checkpoint (from its own config): the compare and report
+    stages count the model's metrics only while params.yaml resolves to the same."""
+    from wpcrack.train.checkpoint import config_fingerprint
 
-    saved = load(Path(model_dir) / BEST).get("config")
+    saved = ckpt.get("config")
     return config_fingerprint(saved) if saved else None
 
 
@@ -93,7 +101,8 @@ def evaluate(cfg: Config, model_dir: Path, out_dir: Path) -> dict:
     """Score the model in ``model_dir`` on the test split; write predictions, metrics, PR curve, figure."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_trained(model_dir, cfg, device)
+    checkpoint_path, ckpt = read_checkpoint(model_dir)
+    model = model_from_checkpoint(checkpoint_path, ckpt, cfg, device)
     root, rows = load_test_rows(cfg)
     size = score_size(cfg)
     accs = {m: ConfusionAccumulator(cfg.evaluate.threshold, cfg.evaluate.pr_thresholds) for m in MODES}
@@ -123,7 +132,7 @@ def evaluate(cfg: Config, model_dir: Path, out_dir: Path) -> dict:
 
     metrics = {m: acc.summary() for m, acc in accs.items()}
     metrics["protocol"] = protocol(cfg)
-    metrics["model"] = {"weights_md5": weights_digest(model.slim()), "config_sha256": trained_config_sha256(model_dir)}
+    metrics["model"] = {"weights_md5": weights_digest(model.slim()), "config_sha256": trained_config_sha256(ckpt)}
     metrics["gate"] = {"threshold": GATE, "tiles": gated.tiles, "skipped": gated.skipped}
     write_json(out_dir / "metrics.json", metrics)
     train = model_dir / "train_metrics.json"

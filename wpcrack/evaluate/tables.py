@@ -79,15 +79,22 @@ class Results:
     dataset: str
     params: Path | None = None
     stale: list[str] = field(default_factory=list)
+    _expected: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+
+    def expected_fingerprint(self, variant: str) -> str:
+        """The fingerprint params.yaml resolves for ``variant`` now (resolved once per variant)."""
+        if variant not in self._expected:
+            from wpcrack.train.checkpoint import config_fingerprint
+
+            cfg = load_config(self.params, dataset=self.dataset, variant=variant)
+            self._expected[variant] = config_fingerprint(cfg.to_dict())
+        return self._expected[variant]
 
     def get(self, variant: str) -> dict | None:
         metrics = read_metrics(self.results_dir, self.dataset, variant)
         if metrics is None or self.params is None or variant == CLASSICAL:
             return metrics
-        from wpcrack.train.checkpoint import config_fingerprint
-
-        expected = config_fingerprint(load_config(self.params, dataset=self.dataset, variant=variant).to_dict())
-        if (metrics.get("model") or {}).get("config_sha256") == expected:
+        if (metrics.get("model") or {}).get("config_sha256") == self.expected_fingerprint(variant):
             return metrics
         if variant not in self.stale:
             self.stale.append(variant)
