@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from network_state import changed, snapshot
 from wpcrack.config import load_config
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -98,18 +99,6 @@ def test_full_model_forward_backward_in_bf16_channels_last(backbone):
     assert sum(float(g.abs().sum()) for g in grads) > 0
 
 
-def _snapshot(model) -> dict[str, dict[str, torch.Tensor]]:
-    parts = {"classifier": model.classifier, "reconstructor": model.reconstructor}
-    out = {name: {k: v.detach().clone() for k, v in m.state_dict().items()} for name, m in parts.items()}
-    out["detector"] = {f"{n}.{k}": v.detach().clone() for n, m in model.named_children() if n not in parts
-                       for k, v in m.state_dict().items()}
-    return out
-
-
-def _changed(before, after) -> set[str]:
-    return {name for name in before if any(not torch.equal(before[name][k], after[name][k]) for k in before[name])}
-
-
 @pytest.mark.parametrize("backbone", list(BACKBONES))
 def test_each_training_phase_on_the_gpu(backbone):
     """Phases (a), (b), (c) with bf16 autocast and channels_last, each training only its network."""
@@ -128,16 +117,16 @@ def test_each_training_phase_on_the_gpu(backbone):
     optimizers = build_optimizers(model, cfg, max_iterations=10)
     batch = _batch(runtime)
 
-    before = _snapshot(model)
+    before = snapshot(model)
     rec_parts, carry = reconstructor_step(model, optimizers, batch, cfg, runtime, pool=None)
-    after = _snapshot(model)
-    assert _changed(before, after) == {"reconstructor"}
+    after = snapshot(model)
+    assert changed(before, after) == {"reconstructor"}
     cls_parts = classifier_step(model, optimizers, batch, cfg, runtime, carry)
-    before, after = after, _snapshot(model)
-    assert _changed(before, after) == {"classifier"}
+    before, after = after, snapshot(model)
+    assert changed(before, after) == {"classifier"}
     result = detector_step(model, optimizers, batch, cfg, runtime, carry)
-    before, after = after, _snapshot(model)
-    assert _changed(before, after) == {"detector"}
+    before, after = after, snapshot(model)
+    assert changed(before, after) == {"detector"}
     for parts in (rec_parts, cls_parts, result.losses):
         assert parts and all(torch.isfinite(torch.tensor(float(v))) for v in parts.values())
     assert all(p.is_cuda for p in model.parameters())

@@ -140,18 +140,20 @@ def test_promote_champion_uses_the_evaluate_run_of_a_version(logged, cfg):
 def test_promote_cli_keeps_a_better_champion_and_forces_a_rollback(logged, capsys):
     from wpcrack.cli import main
 
-    champion = tracking.champion_version(NAME).version
+    champion = str(_new_version(logged))  # its own champion: the test does not lean on the tests before it
+    tracking.record_score(NAME, champion, 97.5)
+    tracking.client().set_registered_model_alias(NAME, tracking.CHAMPION, champion)
     weaker = str(_new_version(logged))
     tracking.record_score(NAME, weaker, 10.0)
     sets = [arg for o in TINY for arg in ("--set", o)]
     assert main(["promote", "synthetic", "--version", weaker, *sets]) == 0
     assert "challenger IoU 10.000 vs champion 97.500 -> kept the champion" in capsys.readouterr().out
-    assert tracking.champion_version(NAME).version == champion
+    assert str(tracking.champion_version(NAME).version) == champion
     assert main(["promote", "synthetic", "--force", *sets]) == 2  # --force needs --version
     assert "--force needs --version" in capsys.readouterr().err
     assert main(["promote", "synthetic", "--version", weaker, "--force", *sets]) == 0
     assert str(tracking.champion_version(NAME).version) == weaker
-    tracking.client().set_registered_model_alias(NAME, tracking.CHAMPION, str(champion))
+    tracking.client().set_registered_model_alias(NAME, tracking.CHAMPION, champion)
 
 
 def test_search_runs_filters_by_tags(logged):

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from network_state import changed, snapshot
 from wpcrack.config import load_config
 from wpcrack.errors import TrainingError
 from wpcrack.models.wpcracknet import build_model
@@ -35,19 +36,6 @@ def _batch(seed: int = 0, size: int = 32) -> Batch:
                  has_mask=torch.ones(4, dtype=torch.bool))
 
 
-def _snapshot(model) -> dict[str, dict[str, torch.Tensor]]:
-    """Parameters and buffers (BatchNorm statistics) of each network."""
-    parts = {"classifier": model.classifier, "reconstructor": model.reconstructor}
-    out = {name: {k: v.detach().clone() for k, v in m.state_dict().items()} for name, m in parts.items()}
-    out["detector"] = {f"{n}.{k}": v.detach().clone() for n, m in model.named_children() if n not in parts
-                       for k, v in m.state_dict().items()}
-    return out
-
-
-def _changed(before, after) -> set[str]:
-    return {name for name in before if any(not torch.equal(before[name][k], after[name][k]) for k in before[name])}
-
-
 @pytest.fixture
 def setup():
     torch.manual_seed(0)
@@ -60,19 +48,19 @@ def test_each_phase_updates_only_its_own_network(setup):
     cfg, model, optimizers, runtime = setup
     batch = _batch()
 
-    before = _snapshot(model)
+    before = snapshot(model)
     _, carry = reconstructor_step(model, optimizers, batch, cfg, runtime, pool=None)
-    after = _snapshot(model)
-    assert _changed(before, after) == {"reconstructor"}
+    after = snapshot(model)
+    assert changed(before, after) == {"reconstructor"}
 
     classifier_step(model, optimizers, batch, cfg, runtime, carry)
-    before, after = after, _snapshot(model)
-    assert _changed(before, after) == {"classifier"}
+    before, after = after, snapshot(model)
+    assert changed(before, after) == {"classifier"}
 
     result = detector_step(model, optimizers, batch, cfg, runtime, carry)
-    before, after = after, _snapshot(model)
+    before, after = after, snapshot(model)
     assert result.losses["det_images"] == 3
-    assert _changed(before, after) == {"detector"}
+    assert changed(before, after) == {"detector"}
     assert all(p.grad is None for p in model.parameters())  # frozen networks never got gradients
     assert all(p.requires_grad for p in model.parameters())  # freezing is undone after each phase
 
@@ -86,10 +74,10 @@ def test_detector_loss_reaches_the_encoders_only_when_configured():
     batch = _batch()
     _, carry = reconstructor_step(model, optimizers, batch, cfg, runtime, pool=None)
     classifier_step(model, optimizers, batch, cfg, runtime, carry)
-    before = _snapshot(model)
+    before = snapshot(model)
     decoder = {k: v.clone() for k, v in model.reconstructor.decoder.state_dict().items()}
     detector_step(model, optimizers, batch, cfg, runtime, carry)
-    assert _changed(before, _snapshot(model)) == {"classifier", "reconstructor", "detector"}
+    assert changed(before, snapshot(model)) == {"classifier", "reconstructor", "detector"}
     assert all(torch.equal(v, model.reconstructor.decoder.state_dict()[k]) for k, v in decoder.items())
 
 
@@ -125,9 +113,9 @@ def test_classifier_only_baseline_never_runs_the_reconstructor():
     cfg = _cfg("train.detector_target=mask", variant="cls_only")
     model = build_model(cfg)
     optimizers = build_optimizers(model, cfg, max_iterations=10)
-    before = _snapshot(model)
+    before = snapshot(model)
     result = train_step(model, optimizers, _batch(), cfg, Runtime(torch.device("cpu")), pool=None)
-    assert _changed(before, _snapshot(model)) == {"classifier", "detector"}
+    assert changed(before, snapshot(model)) == {"classifier", "detector"}
     assert not any(k.startswith("rec_") for k in result.losses) and result.losses["cls_cec"] == 0
 
 
@@ -194,9 +182,9 @@ def test_finetuning_trains_the_classifier_and_detector_never_the_reconstructor()
     cfg = _cfg("train.detector_target=mask", "train.finetune_epochs=1")
     model = build_model(cfg)
     optimizer, schedule = finetune.build_optimizer(model, cfg, total_steps=4)
-    before = _snapshot(model)
+    before = snapshot(model)
     result = finetune.finetune_step(model, optimizer, schedule, _batch(), cfg, Runtime(torch.device("cpu")))
-    assert _changed(before, _snapshot(model)) == {"classifier", "detector"}
+    assert changed(before, snapshot(model)) == {"classifier", "detector"}
     assert result.losses["det_images"] == 3 and result.losses["cls_total"] > 0
     assert all(p.grad is None for p in model.parameters())
     assert all(p.requires_grad for p in model.parameters())

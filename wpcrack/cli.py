@@ -217,6 +217,12 @@ def _dataset_arg(p: argparse.ArgumentParser, **kw) -> None:
     p.add_argument("dataset", choices=DATASET_NAMES, help="dataset name", **kw)
 
 
+def _model_args(p: argparse.ArgumentParser, whose: str = "variant from params.yaml") -> None:
+    """``--variant`` and ``--model-dir``: which trained model a command reads."""
+    p.add_argument("--variant", default="full", help=f"{whose} (default: full)")
+    p.add_argument("--model-dir", help="trained model folder (default: models/<dataset>/<variant>)")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
@@ -255,8 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="score a trained model on the test split")
     _dataset_arg(p)
-    p.add_argument("--variant", default="full", help="variant from params.yaml (default: full)")
-    p.add_argument("--model-dir", help="trained model folder (default: models/<dataset>/<variant>)")
+    _model_args(p)
     p.add_argument("--out", help="output folder (default: results/<dataset>/<variant>)")
     _common(p)
     p.set_defaults(func=cmd_evaluate)
@@ -283,15 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("benchmark", help="measure parameters, latency, throughput and memory")
     _dataset_arg(p)
-    p.add_argument("--variant", default="full", help="variant from params.yaml (default: full)")
-    p.add_argument("--model-dir", help="trained model folder (default: models/<dataset>/<variant>)")
+    _model_args(p)
     _common(p)
     p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("export", help="export the slim detector to ONNX and check it against torch")
     _dataset_arg(p)
-    p.add_argument("--variant", default="full", help="variant from params.yaml (default: full)")
-    p.add_argument("--model-dir", help="trained model folder (default: models/<dataset>/<variant>)")
+    _model_args(p)
     p.add_argument("--onnx", required=True, metavar="PATH", help="ONNX file to write (check report: PATH.json)")
     p.add_argument("--check-images", type=int, default=8, metavar="N",
                    help="test images on which to compare ONNX Runtime with torch (default: 8; 0: no check)")
@@ -328,8 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tune-crf", help="score denseCRF pseudo-label settings against the masks of a train/val split")
     _dataset_arg(p)
-    p.add_argument("--variant", default="full", help="whose CAMs: a trained variant (default: full)")
-    p.add_argument("--model-dir", help="trained model folder (default: models/<dataset>/<variant>)")
+    _model_args(p, "whose CAMs: a trained variant")
     p.add_argument("--split", choices=("train", "val"), default="train", help="images to tune on (default: train)")
     p.add_argument("--crop", type=int, help="random training crops of this side, 0 for whole images "
                    "(default: train.crop_size on train, whole images on val)")
@@ -345,8 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("scale-check", help="does the classifier find cracks or tell the classes apart by image scale?")
     _dataset_arg(p)
-    p.add_argument("--variant", default="full", help="whose classifier: a trained variant (default: full)")
-    p.add_argument("--model-dir", help="trained model folder (default: models/<dataset>/<variant>)")
+    _model_args(p, "whose classifier: a trained variant")
     p.add_argument("--split", choices=("train", "val"), default="val", help="images to check (default: val)")
     p.add_argument("--limit", type=int, default=64, help="images per class (default: 64)")
     p.add_argument("--factor", type=float, default=2.0, help="shrink / blur factor (default: 2)")
