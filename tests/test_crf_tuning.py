@@ -70,11 +70,11 @@ def test_a_perfect_cam_scores_one_and_rows_are_ranked(trained, monkeypatch):
     by_image = {r.tobytes(): m.astype(np.float32) for r, m in zip(rgbs, masks)}
     monkeypatch.setattr("wpcrack.evaluate.inference.crack_cams",
                         lambda model, batch: np.stack([by_image[r.tobytes()] for r in batch]))
-    frame = crf_tuning.tune(cfg, model_dir, {"bg_power": [0.5, 2.0]}, split="val")
+    frame = crf_tuning.tune(cfg, model_dir, {"bg_power": [1.0, 2.0]}, split="val")
     assert frame.attrs["images"] == len(masks) == 2
     assert frame.loc[0, "IoU"] == pytest.approx(1.0) and frame.loc[0, "setting"].startswith("CAM > ")
     assert list(frame["IoU"]) == sorted(frame["IoU"], reverse=True)
-    assert len(frame) == 3 + 3  # three thresholds; the profile's setting (bg_power 5) and the two of the grid
+    assert len(frame) == 3 + 3  # three thresholds; the profile's setting (bg_power 0.5) and the two of the grid
     assert "current params.yaml" in set(frame["setting"])
     assert frame["IoU"].between(0, 1).all()
 

@@ -20,7 +20,8 @@ from wpcrack.errors import DataError
 from wpcrack.io import read_mask, write_image
 from wpcrack.models.wpcracknet import build_model
 from wpcrack.deploy.detection import load_resolved_config, probability_map
-from wpcrack.deploy.predict import crack_stats, predict, skeletonize
+from wpcrack.deploy.measure import crack_stats, skeletonize
+from wpcrack.deploy.predict import predict
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 TINY = ["model.backbone=mobilenet_v2", "model.pretrained=false", "model.cam_channels=16", "model.paam_channels=16",
@@ -123,7 +124,7 @@ def _survey_photo(h: int, w: int) -> np.ndarray:
 def test_tiled_result_matches_each_tile_predicted_alone(slim):
     cfg = _cfg("evaluate.tile_size=64", "evaluate.tile_overlap=0")
     rgb = _survey_photo(128, 192)
-    prob, tiles, skipped = probability_map(slim, rgb, cfg, gate=0)
+    prob, tiles, skipped, _ = probability_map(slim, rgb, cfg, gate=0, scales=(1.0,))
     assert prob.shape == (128, 192) and (tiles, skipped) == (6, 0)
     with torch.inference_mode():
         for y in (0, 64):
@@ -136,10 +137,10 @@ def test_classifier_skips_crack_free_tiles_and_overlap_blending_is_exact():
     cfg = _cfg("evaluate.tile_size=64", "evaluate.tile_overlap=16")
     rgb = np.full((150, 260, 3), 128, np.uint8)
     rgb[100:104, 180:250] = 10  # one short crack in the lower right
-    prob, tiles, skipped = probability_map(DarkPixels(), rgb, cfg, gate=0.5)
+    prob, tiles, skipped, _ = probability_map(DarkPixels(), rgb, cfg, gate=0.5, scales=(1.0,))
     np.testing.assert_allclose(prob, (rgb[..., 0] < 65).astype(np.float32), atol=1e-6)
     assert tiles == 3 * 6 and 0 < skipped < tiles - 1
-    ungated, tiles, skipped = probability_map(DarkPixels(), rgb, cfg)  # the gate is opt-in
+    ungated, tiles, skipped, _ = probability_map(DarkPixels(), rgb, cfg, scales=(1.0,))  # the gate is opt-in
     np.testing.assert_allclose(ungated, prob, atol=1e-6)
     assert (tiles, skipped) == (18, 0)
 
@@ -147,11 +148,12 @@ def test_classifier_skips_crack_free_tiles_and_overlap_blending_is_exact():
 def test_flip_averaging_keeps_the_counts_per_tile():
     rgb = np.full((150, 260, 3), 128, np.uint8)
     rgb[100:104, 180:250] = 10
-    plain = probability_map(DarkPixels(), rgb, _cfg("evaluate.tile_size=64", "evaluate.tile_overlap=16"), gate=0.5)
+    plain = probability_map(DarkPixels(), rgb, _cfg("evaluate.tile_size=64", "evaluate.tile_overlap=16"), gate=0.5,
+                            scales=(1.0,))
     cfg = _cfg("evaluate.tile_size=64", "evaluate.tile_overlap=16", "evaluate.flip=true")
-    prob, tiles, skipped = probability_map(DarkPixels(), rgb, cfg, gate=0.5)
+    prob, tiles, skipped, _ = probability_map(DarkPixels(), rgb, cfg, gate=0.5, scales=(1.0,))
     np.testing.assert_allclose(prob, plain[0], atol=1e-6)  # a pointwise detector is flip-invariant
-    assert (tiles, skipped) == plain[1:]
+    assert (tiles, skipped) == plain[1:3]
 
 
 def test_scales_resize_the_image_and_average_back_to_its_size():
@@ -159,12 +161,12 @@ def test_scales_resize_the_image_and_average_back_to_its_size():
     rgb = np.full((120, 200, 3), 128, np.uint8)
     rgb[40:56, 20:180] = 10  # a 16 px wide crack survives halving
     truth = (rgb[..., 0] < 65).astype(np.float32)
-    half, tiles, _ = probability_map(DarkPixels(), rgb, cfg, scales=(0.5,))
+    half, tiles, _, _ = probability_map(DarkPixels(), rgb, cfg, scales=(0.5,))
     assert half.shape == truth.shape and tiles == 2  # 60x100 px at half scale: one row of two tiles
     assert np.abs(half - truth)[truth == 1].mean() < 0.1 and half[truth == 0].max() < 0.6
-    both, _, _ = probability_map(DarkPixels(), rgb, cfg, scales=(0.5, 1.0))
+    both, _, _, _ = probability_map(DarkPixels(), rgb, cfg, scales=(0.5, 1.0))
     np.testing.assert_allclose(both, (half + truth) / 2, atol=1e-5)
-    for bad in ((), (0.0,), (20.0,)):
+    for bad in ((), (0.0,), (20.0,)):  # None is not bad: it chooses
         with pytest.raises(DataError, match="--scale"):
             probability_map(DarkPixels(), rgb, cfg, scales=bad)
     with pytest.raises(DataError, match="--gate"):
@@ -173,7 +175,7 @@ def test_scales_resize_the_image_and_average_back_to_its_size():
 
 def test_image_smaller_than_a_tile_is_one_pass(slim):
     rgb = _survey_photo(48, 40)
-    prob, tiles, _ = probability_map(slim, rgb, _cfg("evaluate.tile_size=64"), gate=0)
+    prob, tiles, _, _ = probability_map(slim, rgb, _cfg("evaluate.tile_size=64"), gate=0, scales=(1.0,))
     with torch.inference_mode():
         np.testing.assert_allclose(prob, slim(normalize(rgb[None]))[0, 0].numpy(), atol=1e-5)
     assert tiles == 1
@@ -220,14 +222,22 @@ def test_predict_folder_writes_masks_statistics_and_reports_bad_files(model_dir,
         assert row.crack_share == pytest.approx(mask.mean())
         assert (out / row.overlay).is_file()
         assert row.length_mm == pytest.approx(row.length_px * 0.8)
-    assert good.set_index("mask").loc["road_a_mask.png", "tiles"] > 1  # wider than a 256 tile: tiled
+    # no --scale: the synthetic roads record their pixel size (1 mm), so 0.8 mm pixels are seen at 0.8
+    assert set(good["scale_source"]) == {"mm_per_pixel"} and (good["scale"] == 0.8).all()
     report = json.loads((out / "predictions.json").read_text())
     assert report["model"] == str(model_dir.resolve()) and len(report["images"]) == 3
-    assert report["gate"] == 0 and report["scales"] == [1.0] and good["tiles_skipped"].sum() == 0
+    assert report["gate"] == 0 and report["scales"] == "auto" and good["tiles_skipped"].sum() == 0
     assert report["flip"] is False  # params.yaml's evaluate.flip
-    assert main(["predict", str(images / "road_b.jpg"), "--model", str(model_dir), "--out", str(tmp_path / "flip"),
-                 "--params", str(PARAMS), "--dataset", "synthetic", "--flip"]) == 0
-    assert json.loads((tmp_path / "flip" / "predictions.json").read_text())["flip"] is True
+    assert main(["predict", str(images / "road_b.jpg"), "--model", str(model_dir), "--out", str(tmp_path / "auto"),
+                 "--params", str(PARAMS), "--dataset", "synthetic"]) == 0
+    searched = json.loads((tmp_path / "auto" / "predictions.json").read_text())["images"][0]
+    assert searched["scale_source"] == "auto" and 0 < searched["scale"] <= 1  # no pixel size: searched
+    assert main(["predict", str(images / "road_a.png"), "--model", str(model_dir), "--out", str(tmp_path / "flip"),
+                 "--params", str(PARAMS), "--dataset", "synthetic", "--flip", "--scale", "1"]) == 0
+    flipped = json.loads((tmp_path / "flip" / "predictions.json").read_text())
+    assert flipped["flip"] is True and flipped["scales"] == [1.0]
+    row = flipped["images"][0]
+    assert (row["scale"], row["scale_source"]) == (1.0, "given") and row["tiles"] > 1  # wider than a tile: tiled
 
 
 def test_predict_warns_when_the_opt_in_gate_skips_most_tiles(model_dir, tmp_path, capsys, monkeypatch):

@@ -80,14 +80,15 @@ def test_failed_block_marks_the_run_failed(store, cfg):
 
 def test_detector_is_a_registered_pyfunc_that_returns_masks(logged):
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     run_id, version, slim = logged
     mv = tracking.client().get_model_version(NAME, str(version))
     assert mv.run_id == run_id and mv.tags["variant"] == "full" and mv.tags["stage"] == "train@synthetic"
     model = mlflow.pyfunc.load_model(f"models:/{NAME}/{version}")
     sig = model.metadata.signature
-    assert sig.inputs.input_names() == ["image"] and sig.outputs.input_names() == ["mask", "crack_share"]
-    assert {p.name for p in sig.params} == {"threshold", "gate"}
+    assert sig.inputs.input_names() == ["image"] and sig.outputs.input_names() == ["mask", "crack_share", "scale"]
+    assert {p.name for p in sig.params} == {"threshold", "gate", "scale"}
     rgb = np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)
     ok, jpeg = cv2.imencode(".jpg", rgb)
     frame = pd.DataFrame({"image": [encode_png(rgb), base64.b64encode(jpeg.tobytes()).decode()]})
@@ -95,6 +96,10 @@ def test_detector_is_a_registered_pyfunc_that_returns_masks(logged):
     mask = decode_image(out["mask"][0])
     assert mask.shape[:2] == (40, 56) and list(out["crack_share"]) == [1.0, 1.0]  # threshold 0: all crack
     assert list(model.predict(frame[:1], params={"threshold": 1.0})["crack_share"]) == [0.0]
+    assert out["scale"].between(0.01, 2.0).all()  # no scale given: chosen per image, as predict does
+    assert list(model.predict(frame[:1], params={"scale": 0.5})["scale"]) == [0.5]
+    with pytest.raises(MlflowException, match="--scale"):
+        model.predict(frame[:1], params={"scale": 50.0})
 
 
 def test_pyfunc_rejects_what_is_not_an_image(logged):

@@ -43,6 +43,12 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     prepare(cfg, args.dataset)
 
 
+def cmd_survey_photo(args: argparse.Namespace) -> None:
+    from wpcrack.data.synthetic import write_survey_photo
+
+    write_survey_photo(Path(args.out), args.seed, args.height, args.width)
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     cfg = _config(args, args.dataset, args.variant)
     from wpcrack.train.loop import train
@@ -138,6 +144,12 @@ def cmd_predict(args: argparse.Namespace) -> None:
         scales=args.scale,
         flip=args.flip,
     )
+
+
+def cmd_generalise(args: argparse.Namespace) -> None:
+    from wpcrack.evaluate.generalise import generalise
+
+    generalise(args.params, tuple(args.models), Path(args.out), args.limit)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -246,6 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_prepare)
 
+    p = sub.add_parser("survey-photo", help="generate a large synthetic road photo (and its true crack mask) "
+                                            "at the synthetic training images' pixel scale, to try predict on")
+    p.add_argument("out", help="photo to write (.jpg or .png); the mask goes beside it as <stem>_truth.png")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
+    p.add_argument("--height", type=int, default=2400, help="height in px (default: 2400)")
+    p.add_argument("--width", type=int, default=3200, help="width in px (default: 3200)")
+    p.set_defaults(func=cmd_survey_photo)
+
     p = sub.add_parser("train", help="train WP-CrackNet (or a variant) on a prepared dataset")
     _dataset_arg(p)
     p.add_argument("--variant", default="full", help="variant from params.yaml (default: full)")
@@ -311,14 +331,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gate", type=float, nargs="?", const=0.5, default=0.0, metavar="P",
                    help="skip tiles whose classifier crack probability is below P (default: off; "
                         "--gate alone: 0.5). Faster on large photos of familiar imagery")
-    p.add_argument("--scale", type=float, nargs="+", default=[1.0], metavar="S",
+    p.add_argument("--scale", type=float, nargs="+", default=None, metavar="S",
                    help="resize the image by S before inference, e.g. 0.25 when cracks are 4x wider in pixels "
-                        "than in the training images; several scales are averaged (default: 1)")
+                        "than in the training images; several scales are averaged (default: chosen per image "
+                        "from the model's own evidence, written to predictions.csv; settings: predict in --params)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="average the image's four flips, four passes (default: evaluate.flip of --params, "
                         "else of the model)")
     p.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("generalise", help="score the full models on every test split through predict's default "
+                                          "path (scale chosen per photo), and DeepCrack's photos enlarged 2x-8x")
+    p.add_argument("--models", nargs="+", default=["deepcrack", "cfd", "crack500", "roads"],
+                   help="runs whose full model is scored; absent ones stay empty (default: all four)")
+    p.add_argument("--out", default="docs/results/generalisation",
+                   help="output stem: <out>.json (the figures), <out>_details.json")
+    p.add_argument("--limit", type=int, help="score only the first N photos of each split (a quick look)")
+    p.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
+    p.set_defaults(func=cmd_generalise)
 
     p = sub.add_parser("report", help="write the results pages from the pipeline's metrics files "
                        "(no argument: every dataset's page and the index)")

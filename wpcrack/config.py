@@ -48,7 +48,7 @@ class PathsConfig:
 
 @dataclass(frozen=True)
 class SyntheticPrepare:
-    """Procedural road textures with thin, branching, low-contrast cracks."""
+    """Procedural road photos: thin cracks that fade, among shadows, stains, joints and paint (docs/data.md)."""
 
     size: int = 96
     train_crack: int = 48
@@ -57,6 +57,9 @@ class SyntheticPrepare:
     val_nocrack: int = 8
     test: int = 12
     seed: int = 7
+    # the generated roads' ground sampling distance (training rows and survey photos share it): with
+    # `wpcrack predict --mm-per-pixel`, a photo's scale is the ratio of the two (wpcrack.deploy.scale)
+    mm_per_pixel: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,22 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class PredictConfig:
+    """How ``wpcrack predict``, the served model and the ONNX path choose a photo's scale when the
+    user gives none (``wpcrack.deploy.scale``); read from params.yaml at prediction time, so they are
+    tuned without retraining."""
+
+    max_scale: float = 1.0       # the most a photo is enlarged (2: thumbnails of finer cracks than the training's) ...
+    max_side: int = 4096         # ... and never beyond this long side, px (cost, and blur that fools the classifier)
+    min_side_rows: float = 0.5   # the least: its long side down to this many training rows
+    scale_step: float = 2.0      # ladder step (one octave); the best octave is refined by half a step
+    sample_tiles: int = 12       # tiles per candidate scale that score it (spread over the photo)
+    evidence: Literal["classifier", "mass", "length"] = "classifier"  # what a candidate scale is scored by
+    evidence_share: float = 0.9  # the finest scale whose evidence reaches this share of the best wins
+    min_crack_probability: float = 0.5  # classifier evidence below this at every scale (no crack seen): scale 1
+
+
+@dataclass(frozen=True)
 class ClassicalConfig:
     """The classical baseline's grid (``wpcrack classical``): every combination is scored on the
     masks of ``splits`` and the best is applied to test. The bilateral filter is ``pseudo_labels.darkness``'s."""
@@ -248,6 +267,7 @@ class Config:
     pseudo_labels: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
     classical: ClassicalConfig = field(default_factory=ClassicalConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -370,6 +390,10 @@ _LIMITS: dict[type, dict[str, tuple[Callable[[Any], bool], str]]] = {
                   "ema_decay": _HALF_OPEN_UNIT},
     EvaluateConfig: {"threshold": _OPEN_UNIT, "tile_size": _ONE_OR_MORE, "tile_overlap": _NON_NEGATIVE,
                      "figure_images": _NON_NEGATIVE, "pr_thresholds": (lambda v: v >= 2, "must be >= 2")},
+    SyntheticPrepare: {"mm_per_pixel": _POSITIVE},
+    PredictConfig: {"max_scale": _POSITIVE, "max_side": _ONE_OR_MORE, "min_side_rows": _POSITIVE,
+                    "scale_step": (lambda v: v > 1, "must be > 1"), "sample_tiles": _ONE_OR_MORE,
+                    "evidence_share": (lambda v: 0 < v <= 1, "must be in (0, 1]"), "min_crack_probability": _HALF_OPEN_UNIT},
     BenchmarkConfig: {"size": _ONE_OR_MORE, "batch_sizes": _ONE_OR_MORE, "warmup": _NON_NEGATIVE,
                       "iterations": _ONE_OR_MORE},
 }

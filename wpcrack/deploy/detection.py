@@ -8,13 +8,14 @@ predict -> tracking -> serving -> detection.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 
+from wpcrack.deploy.scale import ScaleChoice, choose_scale, training_mm_per_pixel
 from wpcrack.errors import DataError
 from wpcrack.geometry import resize_image, resize_map, scaled_size
 
@@ -144,28 +145,71 @@ def check_gate(gate: float) -> float:
     return gate
 
 
-def check_scales(scales: Sequence[float]) -> tuple[float, ...]:
-    if not scales or any(not 0.05 <= s <= 8.0 for s in scales):
-        raise DataError("--scale", f"each scale must be between 0.05 and 8, got {list(scales)}")
+def check_scales(scales: Sequence[float] | None) -> tuple[float, ...] | None:
+    """The user's scales (None: chosen per image, ``wpcrack.deploy.scale``)."""
+    if scales is None:
+        return None
+    if not scales or any(not 0.01 <= s <= 8.0 for s in scales):
+        raise DataError("--scale", f"each scale must be between 0.01 and 8, got {list(scales)}")
     return tuple(scales)
 
 
+def scale_measure(detector: torch.nn.Module, cfg: Config) -> tuple[Callable[[list[np.ndarray], float], float], str]:
+    """(how ``choose_scale`` scores the tiles of one scale, the evidence kind): ``predict.evidence``,
+    or the detector's crack mass for a model without a classifier head (an ONNX export)."""
+    from wpcrack.deploy.scale import evidence
+    from wpcrack.evaluate.inference import classify, predict_image
+
+    kind = cfg.predict.evidence
+    if kind == "classifier" and supports_gate(detector):
+        def by_classifier(views: list[np.ndarray], scale: float) -> float:
+            same = len({v.shape for v in views}) == 1  # sampled tiles of one size go through as one batch
+            return float(np.mean(classify(detector, views) if same else [classify(detector, [v])[0] for v in views]))
+        return by_classifier, kind
+    kind = "mass" if kind == "classifier" else kind
+    plain = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, flip=False))
+    probe = GatedDetector(detector)  # the detector alone, no flips
+
+    def by_detector(views: list[np.ndarray], scale: float) -> float:
+        return evidence([predict_image(probe, v, plain) for v in views], scale, cfg.evaluate.threshold, kind)
+    return by_detector, kind
+
+
+class Prediction(NamedTuple):
+    """One image's crack probabilities (its own size) and how they were made."""
+
+    prob: np.ndarray      # float32 HxW
+    tiles: int            # tiles the detector saw (per scale, summed)
+    skipped: int          # of those, skipped by the gate
+    choice: ScaleChoice   # the scale(s) and whether the user gave them
+
+
 def probability_map(detector: torch.nn.Module, rgb: np.ndarray, cfg: Config, gate: float = DEFAULT_GATE,
-                    scales: Sequence[float] = (1.0,)) -> tuple[np.ndarray, int, int]:
-    """(crack probabilities float32 HxW, tiles, tiles skipped) of one RGB image of any size: the
-    mean over ``scales`` of the prediction of the image resized by each, resized back.
+                    scales: Sequence[float] | None = None, mm_per_pixel: float | None = None) -> Prediction:
+    """Crack probabilities of one RGB image of any size: the mean over ``scales`` of the prediction
+    of the image resized by each, resized back. Without ``scales`` the scale is the photo's
+    ``mm_per_pixel`` over the training data's, where both are known, else chosen for this image
+    (``choose_scale``; the gate and flips do not take part in the choice).
 
     With ``evaluate.flip`` the gate sees each tile's four flips; the counts are per tile (skipped:
     the mean over the flips)."""
     from wpcrack.evaluate.inference import FLIPS, predict_image
 
+    scales = check_scales(scales)
+    trained_mm = training_mm_per_pixel(cfg)
+    if scales is None and mm_per_pixel and trained_mm:
+        choice = ScaleChoice(check_scales([mm_per_pixel / trained_mm]), "mm_per_pixel")  # finer pixels: shrink
+    elif scales is None:
+        choice = choose_scale(rgb, cfg, *scale_measure(detector, cfg))
+    else:
+        choice = ScaleChoice(scales, "given")
     gated = GatedDetector(detector, check_gate(gate))
     total = np.zeros(rgb.shape[:2], dtype=np.float32)
-    for scale in check_scales(scales):
+    for scale in choice.scales:
         prob = predict_image(gated, resize_image(rgb, scaled_size(rgb.shape, scale)), cfg)
         total += resize_map(prob, rgb.shape[:2])
     views = len(FLIPS) if cfg.evaluate.flip else 1
-    return total / len(scales), gated.tiles // views, round(gated.skipped / views)
+    return Prediction(total / len(choice.scales), gated.tiles // views, round(gated.skipped / views), choice)
 
 
 ONNX_CONFIG_KEY = "wpcrack_config"  # ONNX metadata: the resolved configuration (YAML)

@@ -3,9 +3,11 @@
 Request: a DataFrame (REST: ``dataframe_records``) with one string column ``image`` holding
 base64-encoded PNG or JPEG bytes, one row per image, any size. Large images are tiled exactly as
 ``wpcrack predict`` does (``wpcrack.deploy.detection.probability_map``). Response, per row:
-``mask`` (base64 PNG, 0/255, the image's size) and ``crack_share`` (crack pixels / all pixels).
-Optional params: ``threshold`` (crack probability; default: the model's ``evaluate.threshold``) and
-``gate`` (classifier probability below which a tile is skipped; 0 keeps every tile).
+``mask`` (base64 PNG, 0/255, the image's size), ``crack_share`` (crack pixels / all pixels) and
+``scale`` (what the image was resized by before inference). Optional params: ``threshold`` (crack
+probability; default: the model's ``evaluate.threshold``), ``gate`` (classifier probability below
+which a tile is skipped; 0 keeps every tile) and ``scale`` (0, the default: chosen per image as
+``wpcrack predict`` chooses it, ``wpcrack.deploy.scale``).
 
 Base64 strings rather than pixel arrays because any client (curl, a browser) can send a photo that
 way, each image keeps its own size, and the signature stays one plain string column.
@@ -28,8 +30,10 @@ from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
 
 from wpcrack.deploy.detection import DEFAULT_GATE, device, load_resolved_config, load_slim, probability_map, save_detector
+from wpcrack.errors import DataError
 
 INPUT_COLUMN = "image"
+AUTO_SCALE = 0.0  # the ``scale`` param's default: chosen per image
 WEIGHTS_ARTIFACT = "weights"
 CONFIG_ARTIFACT = "config"
 
@@ -79,14 +83,15 @@ def example_frame(example: Any) -> pd.DataFrame:
 
 
 def signature(threshold: float, gate: float):
-    """Input: string column ``image``; output: ``mask`` (string), ``crack_share`` (double)."""
+    """Input: string column ``image``; output: ``mask`` (string), ``crack_share``, ``scale`` (double)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     return ModelSignature(
         inputs=Schema([ColSpec("string", INPUT_COLUMN)]),
-        outputs=Schema([ColSpec("string", "mask"), ColSpec("double", "crack_share")]),
-        params=ParamSchema([ParamSpec("threshold", "double", threshold), ParamSpec("gate", "double", gate)]),
+        outputs=Schema([ColSpec("string", "mask"), ColSpec("double", "crack_share"), ColSpec("double", "scale")]),
+        params=ParamSchema([ParamSpec("threshold", "double", threshold), ParamSpec("gate", "double", gate),
+                            ParamSpec("scale", "double", AUTO_SCALE)]),
     )
 
 
@@ -109,19 +114,24 @@ class CrackDetector(PythonModel):
         params = params or {}
         threshold = float(params.get("threshold", self.cfg.evaluate.threshold))
         gate = float(params.get("gate", DEFAULT_GATE))
+        scale = float(params.get("scale", AUTO_SCALE))
         if INPUT_COLUMN not in model_input.columns:
             raise MlflowException.invalid_parameter_value(f"input needs a column {INPUT_COLUMN!r} of base64 images")
-        masks, shares = [], []
+        masks, shares, used = [], [], []
         for i, text in enumerate(model_input[INPUT_COLUMN]):
             try:
                 rgb = decode_image(text)
             except ValueError as exc:
                 raise MlflowException.invalid_parameter_value(f"row {i}: {exc}") from None
-            prob, _, _ = probability_map(self.detector, rgb, self.cfg, gate)
-            mask = prob > threshold
+            try:
+                result = probability_map(self.detector, rgb, self.cfg, gate, [scale] if scale else None)
+            except DataError as exc:
+                raise MlflowException.invalid_parameter_value(f"params: {exc}") from None
+            mask = result.prob > threshold
             masks.append(encode_png(mask.astype(np.uint8) * 255))
             shares.append(float(mask.mean()))
-        return pd.DataFrame({"mask": masks, "crack_share": shares})
+            used.append(result.choice.scale)
+        return pd.DataFrame({"mask": masks, "crack_share": shares, "scale": used})
 
 
 set_model(CrackDetector())

@@ -1,0 +1,131 @@
+"""Choosing a photo's scale (``wpcrack.deploy.scale``): the ladder, the sampled tiles, and a detector
+that sees only thin cracks finding the scale at which a wide crack looks thin."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from torch import nn
+
+from wpcrack.config import load_config
+from wpcrack.deploy.detection import probability_map
+from wpcrack.deploy.scale import choose_scale, evidence, ladder, pick, sample_boxes, train_row_side
+from wpcrack.errors import ConfigError
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def _cfg(*overrides: str):
+    return load_config(PARAMS, dataset="deepcrack", overrides=["model.pretrained=false", *overrides])
+
+
+class ThinDarkLines(nn.Module):
+    """Detector stand-in that, like a trained one, sees cracks only at the width it learned: dark
+    pixels that a 5x5 opening removes (dark lines at most 4 px wide)."""
+
+    def forward(self, x):
+        dark = (x[:, :1] < -1.0).float()
+        eroded = -nn.functional.max_pool2d(-dark, 5, 1, 2)
+        opened = nn.functional.max_pool2d(eroded, 5, 1, 2)
+        return dark * (1 - opened)
+
+
+def _road(h: int, w: int, width: int) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(120, 150, size=(h, w, 3), dtype=np.uint8)
+    cv2.line(rgb, (w // 10, h // 5), (9 * w // 10, 4 * h // 5), (15, 15, 15), width)
+    cv2.line(rgb, (w // 8, 7 * h // 8), (7 * w // 8, h // 3), (15, 15, 15), width)
+    return rgb
+
+
+def test_ladder_goes_by_octaves_from_the_largest_scale_to_half_a_training_row():
+    cfg = _cfg("predict.max_scale=2.0")
+    assert train_row_side(cfg) == 256
+    assert ladder((384, 544), cfg) == [2.0, 1.0, 0.5, 0.25]  # 544 * 0.25 = 136 >= 128; 0.125 would be 68 px
+    big = ladder((3024, 4284), cfg)  # 4096 px at most: 1/2 is the largest power of 2 below 4096 / 4284
+    assert big[0] == 0.5 and 4284 * big[-1] >= 128 > 4284 * big[-1] / 2
+    assert ladder((3072, 4352), cfg)[1:] == [s / 8 for s in ladder((384, 544), cfg)]  # 8x: the same views
+    assert ladder((100, 100), _cfg()) == [1.0]  # already smaller than half a row
+
+
+def test_sampled_tiles_are_spread_and_capped():
+    boxes = sample_boxes(1000, 2000, 256, 6)
+    assert len(boxes) == 6 and boxes[0][:3:2] == (0, 0) and boxes[-1][1::2] == (1000, 2000)
+    assert len(sample_boxes(300, 300, 256, 12)) == 4  # fewer tiles than the budget: all of them
+
+
+def test_evidence_is_crack_length_per_photo_pixel():
+    prob = np.zeros((100, 100), np.float32)
+    prob[50, 10:90] = 1.0  # an 80 px crack
+    assert evidence([prob], 1.0, 0.5, "length") == pytest.approx(80 / 1e4, rel=0.02)
+    assert evidence([prob], 0.5, 0.5, "length") == pytest.approx(0.5 * 80 / 1e4, rel=0.02)  # 160 px in the photo / 4e4 px
+    assert evidence([prob * 0.4], 1.0, 0.5, "mass") == 0.0
+
+
+@pytest.mark.parametrize("width", [3, 12, 24])
+def test_a_wide_crack_is_predicted_where_it_looks_thin(width):
+    cfg = _cfg("evaluate.tile_size=128", "evaluate.tile_overlap=16", "predict.sample_tiles=64",
+               "predict.min_side_rows=0.2")  # down to 51 px: the ladder reaches 1/8
+    rgb = _road(360, 480, width)
+    result = probability_map(ThinDarkLines(), rgb, cfg)
+    assert result.choice.source == "auto" and 1.0 <= width * result.choice.scale <= 4.5  # what the stand-in sees
+    truth = rgb[..., 0] < 65
+    found = result.prob > 0.5
+    at_one = probability_map(ThinDarkLines(), rgb, cfg, scales=(1.0,)).prob > 0.5
+    iou, iou_at_one = ((truth & m).sum() / (truth | m).sum() for m in (found, at_one))
+    assert iou > 0.6 and (width == 3 or iou > 3 * iou_at_one)
+
+
+def test_without_evidence_the_photo_stays_at_its_own_scale():
+    cfg = _cfg("evaluate.tile_size=128")
+    choice = choose_scale(np.full((200, 300, 3), 128, np.uint8), cfg, lambda views, scale: 0.2, "classifier")
+    assert choice.scales == (1.0,) and set(choice.evidence.values()) == {0.2} and not choice.at_edge
+
+
+def test_pick_ends_the_run_at_the_first_fall_and_never_jumps_to_a_blurred_view():
+    # the classifier's crack probability by scale on a DeepCrack val photo enlarged 8x (measured): sure
+    # when the photo is shrunk, unsure once cracks are wider than its training cracks, fooled again by
+    # the smooth views of a photo enlarged far beyond its detail
+    measured = {0.03: 1.0, 0.06: 0.997, 0.08: 0.866, 0.12: 0.517, 0.24: 0.008, 0.47: 0.0, 0.94: 0.92}
+    assert pick(measured, 0.9, 0.5) == 0.06
+    assert pick(measured, 0.8, 0.5) == 0.08
+    assert pick({0.25: 0.1, 0.5: 0.95, 1.0: 0.93, 2.0: 0.2}, 0.9, 0.5) == 1.0  # the run may start above the coarsest
+    assert pick({0.5: 0.3, 1.0: 0.2, 2.0: 0.1}, 0.9, 0.5) == 1.0  # nothing seen: scale 1
+
+
+class DarkLineClassifier(ThinDarkLines):
+    """The stand-in with a classifier head: an image holds a crack when most of its dark pixels are
+    thin lines (the detector finds them)."""
+
+    def classify(self, x):
+        dark = (x[:, :1] < -1.0).float().flatten(1).sum(dim=1)
+        return (self(x).flatten(1).sum(dim=1) > 0.5 * dark.clamp(min=1)).float()
+
+
+def test_a_model_with_a_classifier_head_is_scored_by_it_and_an_onnx_like_one_by_its_detector():
+    rgb = _road(360, 480, 12)
+    cfg = _cfg("evaluate.tile_size=128", "evaluate.tile_overlap=16", "predict.min_side_rows=0.2")
+    with_head = probability_map(DarkLineClassifier(), rgb, cfg).choice
+    detector_only = probability_map(ThinDarkLines(), rgb, cfg).choice
+    assert (with_head.kind, detector_only.kind) == ("classifier", "mass")
+    assert 1.0 <= 12 * with_head.scale <= 4.5 and 1.0 <= 12 * detector_only.scale <= 4.5
+
+
+@pytest.mark.parametrize("key,value", [("scale_step", "1.0"), ("max_scale", "0"), ("sample_tiles", "0"),
+                                       ("evidence", "votes")])
+def test_bad_scale_settings_name_the_key(key, value):
+    with pytest.raises(ConfigError, match=f"predict.{key}"):
+        _cfg(f"predict.{key}={value}")
+
+
+
+def test_a_recorded_training_pixel_size_and_the_photos_set_the_scale():
+    rgb = _road(200, 300, 3)
+    synthetic = load_config(PARAMS, dataset="synthetic", overrides=["prepare.synthetic.mm_per_pixel=2.0"])
+    choice = probability_map(ThinDarkLines(), rgb, synthetic, mm_per_pixel=0.5).choice
+    assert (choice.scales, choice.source) == ((0.25,), "mm_per_pixel")  # pixels 4x finer than training: shrink 4x
+    deepcrack = _cfg("evaluate.tile_size=128")  # DeepCrack publishes no pixel size: searched
+    assert probability_map(ThinDarkLines(), rgb, deepcrack, mm_per_pixel=0.5).choice.source == "auto"
