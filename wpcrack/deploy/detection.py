@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import torch
 
-from wpcrack.deploy.scale import ScaleChoice, choose_scale, training_mm_per_pixel
+from wpcrack.deploy.scale import ScaleChoice, choose_scale, evidence, training_mm_per_pixel
 from wpcrack.errors import DataError
 from wpcrack.geometry import resize_image, resize_map, scaled_size
 
@@ -157,14 +157,12 @@ def check_scales(scales: Sequence[float] | None) -> tuple[float, ...] | None:
 def scale_measure(detector: torch.nn.Module, cfg: Config) -> tuple[Callable[[list[np.ndarray], float], float], str]:
     """(how ``choose_scale`` scores the tiles of one scale, the evidence kind): ``predict.evidence``,
     or the detector's crack mass for a model without a classifier head (an ONNX export)."""
-    from wpcrack.deploy.scale import evidence
     from wpcrack.evaluate.inference import classify, predict_image
 
     kind = cfg.predict.evidence
     if kind == "classifier" and supports_gate(detector):
         def by_classifier(views: list[np.ndarray], scale: float) -> float:
-            same = len({v.shape for v in views}) == 1  # sampled tiles of one size go through as one batch
-            return float(np.mean(classify(detector, views) if same else [classify(detector, [v])[0] for v in views]))
+            return float(np.mean(classify(detector, views)))  # sample_boxes' tiles of a scale share one size
         return by_classifier, kind
     kind = "mass" if kind == "classifier" else kind
     plain = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, flip=False))

@@ -33,7 +33,7 @@ def model_dir(cfg: Config, model: str) -> Path:
 
 
 def score_split(detector, cfg: Config, split_cfg: Config, enlarge: int = 1, limit: int | None = None) -> dict:
-    """Crack IoU (and P/R/F1, percent) of ``detector`` on ``dataset``'s test split through
+    """Crack IoU (and P/R/F1, percent) of ``detector`` on ``split_cfg``'s test split through
     ``probability_map`` with no scale given, each photo enlarged ``enlarge`` times first; also the
     scales it chose. ``cfg`` is the model's (inference settings of the parameters), ``split_cfg`` the
     scored dataset's (where its test split is and how it is scored)."""
