@@ -124,3 +124,26 @@ def test_missing_params_file_is_a_clear_cli_error(tmp_path, capsys):
 def test_helpers():
     assert parse_override("a.b.c=[1, 2]") == {"a": {"b": {"c": [1, 2]}}}
     assert deep_merge({"a": {"x": 1, "y": 2}}, {"a": {"y": 3}}) == {"a": {"x": 1, "y": 3}}
+
+
+def test_the_roads_run_labels_each_source_with_that_sources_own_overrides():
+    cfg = load_config(PARAMS, "roads")
+    cfd = load_config(PARAMS, "cfd").pseudo_labels
+    deepcrack = load_config(PARAMS, "deepcrack").pseudo_labels
+    assert cfg.prepare.roads.sources == ("deepcrack", "cfd", "crack500")
+    for source, own in (("cfd", cfd), ("deepcrack", deepcrack)):
+        merged = cfg.pseudo_labels.of_source(source)
+        assert dataclasses.replace(merged, by_source={}) == dataclasses.replace(own, by_source={})
+    assert cfg.train.source_weights and cfg.train.max_steps_per_epoch
+    assert load_config(PARAMS, "cfd").pseudo_labels.by_source == {}  # single-source runs: nothing to merge
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.source_weights={deepcrack: -1, cfd: 1, crack500: 1}", "train.source_weights.deepcrack: -1 must be a number >= 0"),
+    ("train.source_weights={deepcrack: 0, cfd: 0, crack500: 0}", "at least one weight must be > 0"),
+    ("train.max_steps_per_epoch=null", "train.source_weights needs train.max_steps_per_epoch"),
+    ("prepare.roads.sources=[deepcrack, roads]", "prepare.roads.sources: 'roads'"),
+])
+def test_bad_roads_settings_are_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(PARAMS, "roads", overrides=[override])

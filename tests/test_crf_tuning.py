@@ -68,7 +68,7 @@ def test_a_perfect_cam_scores_one_and_rows_are_ranked(trained, monkeypatch):
     cfg = load_config(PARAMS, dataset="synthetic", overrides=overrides)
     rgbs, masks = crf_tuning._samples(cfg, "val", None, 64, 0)
     by_image = {r.tobytes(): m.astype(np.float32) for r, m in zip(rgbs, masks)}
-    monkeypatch.setattr("wpcrack.evaluate.inference.crack_cams",
+    monkeypatch.setattr("wpcrack.inference.tiles.crack_cams",
                         lambda model, batch: np.stack([by_image[r.tobytes()] for r in batch]))
     frame = crf_tuning.tune(cfg, model_dir, {"bg_power": [1.0, 2.0]}, split="val")
     assert frame.attrs["images"] == len(masks) == 2

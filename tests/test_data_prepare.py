@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 
 from wpcrack.cli import main
 from wpcrack.config import (CFDPrepare, Config, Crack500Prepare, DeepCrackPrepare, PathsConfig, PrepareConfig,
-                            SyntheticPrepare, load_config)
+                            RoadsPrepare, SyntheticPrepare, load_config)
 from wpcrack.data.manifest import load_manifest
 from wpcrack.data.prepare import prepare, split_sources
 from wpcrack.geometry import grid_cells
@@ -407,3 +408,43 @@ def test_bad_incoming_manifest(tmp_path, column, value, problem):
     pd.DataFrame(rows).to_csv(data / "incoming" / "synthetic" / "manifest.csv", index=False)
     with pytest.raises(DataError, match=rf"incoming/synthetic/manifest\.csv: {problem}.*line\(s\) 4"):
         prepare(_cfg(data), "synthetic")
+
+
+def test_roads_links_the_sources_rows_unchanged_and_names_their_source(tmp_path):
+    cfg = _cfg(tmp_path)
+    own = load_manifest(prepare(cfg, "synthetic"))
+    roads_cfg = dataclasses.replace(cfg, prepare=dataclasses.replace(cfg.prepare, roads=RoadsPrepare(("synthetic",))))
+    roads = load_manifest(prepare(roads_cfg, "roads"))
+    assert len(roads) == len(own) and set(roads["dataset"]) == {"synthetic"}
+    assert (roads["source_id"] == "synthetic/" + own["source_id"]).all()
+    assert (roads[["split", "label", "height", "width"]].to_numpy() == own[["split", "label", "height", "width"]].to_numpy()).all()
+    for (_, a), (_, b) in zip(roads.iterrows(), own.iterrows()):
+        assert (tmp_path / "prepared/roads" / a["image"]).read_bytes() == (tmp_path / "prepared/synthetic" / b["image"]).read_bytes()
+    counts = json.loads((tmp_path / "prepared/roads/counts.json").read_text())
+    assert counts["sources"]["synthetic"]["train"] == int((own["split"] == "train").sum())
+
+
+def test_roads_without_a_prepared_source_says_which_stage_to_run(tmp_path):
+    cfg = _cfg(tmp_path)
+    prepare(cfg, "synthetic")
+    with pytest.raises(DataError, match=r"deepcrack/manifest.csv: .*deepcrack, cfd, crack500; run `dvc repro "
+                                        r"prepare@deepcrack` `dvc repro prepare@cfd` `dvc repro prepare@crack500`"):
+        prepare(cfg, "roads")
+    assert not (tmp_path / "prepared" / "roads").exists()
+
+
+@pytest.mark.parametrize("dataset, fake", [("deepcrack", _fake_deepcrack), ("cfd", _fake_cfd), ("crack500", _fake_crack500)])
+def test_val_photos_are_the_raw_photos_of_the_val_rows_at_their_own_size(tmp_path, dataset, fake):
+    from wpcrack.evaluate.generalise import photos
+
+    fake(tmp_path / "raw" / dataset)
+    cfg = dataclasses.replace(_cfg(tmp_path), dataset=dataset)
+    df = load_manifest(prepare(cfg, dataset))
+    val = photos(cfg, "val")
+    sources = set(df[df.split == "val"].source_id)
+    names = {image.stem for image, _ in val}
+    assert val and all(image.is_file() and mask.stem == image.stem for image, mask in val)
+    assert {df[df.image.str.contains(n, regex=False)].split.iloc[0] for n in names} == {"val"}
+    assert len({n for n in names}) == len(val) and sources  # one entry per photo, none of train or test
+    h, w = cv2.imread(str(val[0][0])).shape[:2]
+    assert (h, w) == cv2.imread(str(val[0][1]), cv2.IMREAD_GRAYSCALE).shape and h not in (16, 24)  # not the rows' size

@@ -189,7 +189,7 @@ def test_benchmark_stage_gpu_rows(tmp_path):
 def test_checkpoint_saved_on_the_gpu_loads_on_the_cpu(tiny_data, tmp_path):
     """A short training on the GPU (the paper profile's loop: bf16, channels_last, CRF pool,
     cudnn autotuning), then its best.pt, whose tensors were CUDA tensors, predicts on the CPU."""
-    from wpcrack.evaluate.inference import load_trained
+    from wpcrack.inference.loading import load_trained
     from wpcrack.train.checkpoint import BEST
     from wpcrack.train.loop import train
 

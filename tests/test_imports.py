@@ -66,3 +66,17 @@ def test_the_package_has_no_import_cycle():
     assert {"wpcrack.deploy.predict", "wpcrack.deploy.serving", "wpcrack.deploy.detection"} <= set(graph)
     assert cycles(graph) == []
     assert not graph["wpcrack.deploy.detection"] & {"wpcrack.deploy.predict", "wpcrack.deploy.serving", "wpcrack.tracking.runs"}
+
+
+def test_inference_is_a_layer_that_evaluate_and_deploy_use_from_above():
+    """Tiled inference sits below evaluate and deploy: deploy never climbs into evaluate, and the
+    inference layer knows neither of them."""
+    graph = import_graph(PACKAGE)
+    inference = {m for m in graph if m.startswith("wpcrack.inference")}
+    assert {"wpcrack.inference.loading", "wpcrack.inference.tiles"} <= inference
+    for module in inference:
+        assert not {t for t in graph[module] if t.startswith(("wpcrack.evaluate", "wpcrack.deploy"))}, module
+    for module in (m for m in graph if m.startswith("wpcrack.deploy")):
+        assert not {t for t in graph[module] if t.startswith("wpcrack.evaluate")}, module
+    assert "wpcrack.inference.tiles" in graph["wpcrack.deploy.detection"]
+    assert "wpcrack.inference.tiles" in graph["wpcrack.evaluate.protocol"]

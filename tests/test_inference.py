@@ -14,14 +14,9 @@ from torch import nn
 
 from wpcrack.config import load_config
 from wpcrack.errors import DataError, TrainingError
-from wpcrack.evaluate.inference import (
-    eval_views,
-    load_trained,
-    patch_gated,
-    predict_image,
-    predict_patch_gated,
-    to_batch,
-)
+from wpcrack.inference.loading import load_trained
+from wpcrack.inference.tiles import patch_gated, predict_image, predict_patch_gated, to_batch
+from wpcrack.evaluate.protocol import eval_views
 from wpcrack.geometry import tile_starts
 from wpcrack.models.wpcracknet import build_model
 

@@ -102,3 +102,35 @@ def test_self_training_labels_are_the_detectors_own_masks(manifest):
     supervised = load_config(PARAMS, dataset="synthetic", variant="supervised", profile="smoke",
                              overrides=[*TINY, "train.finetune_epochs=1"])
     assert make_labels(model, dataset, supervised, Runtime(torch.device("cpu")), None) == {} and dataset.pseudo == {}
+
+
+class _RecordingPool(CRFPool):
+    """The real pool, inline, remembering which settings labelled how many images."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.calls = []
+
+    def submit(self, rgbs, cams, cfg=None):
+        self.calls.append((cfg, len(rgbs)))
+        return super().submit(rgbs, cams, cfg)
+
+
+def test_a_composite_dataset_labels_each_source_with_its_own_settings(manifest, tmp_path):
+    import pandas as pd
+
+    frame = pd.read_csv(manifest, keep_default_na=False)
+    crack_train = frame.index[(frame["split"] == "train") & (frame["label"] == 1)]
+    frame.loc[crack_train[:1], "dataset"] = "cfd"  # one crack row from another source
+    mixed = manifest.parent / "mixed.csv"
+    frame.to_csv(mixed, index=False)
+    cfg = load_config(PARAMS, dataset="synthetic", variant="full", profile="smoke",
+                      overrides=[*TINY, "pseudo_labels.source=image", "pseudo_labels.method=darkness",
+                                 "pseudo_labels.by_source={cfd: {darkness: {offset: 3.0}, ignore_band: 2}}"])
+    dataset = WeakDataset(mixed, "train")
+    with _RecordingPool(cfg.pseudo_labels) as pool:
+        refresh(build_model(cfg), dataset, cfg, Runtime(torch.device("cpu")), pool)
+    by_offset = {}
+    for used, n in pool.calls:
+        by_offset[(used.darkness.offset, used.ignore_band)] = by_offset.get((used.darkness.offset, used.ignore_band), 0) + n
+    assert by_offset == {(3.0, 2): 1, (cfg.pseudo_labels.darkness.offset, cfg.pseudo_labels.ignore_band): len(crack_train) - 1}

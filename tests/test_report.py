@@ -76,9 +76,13 @@ def test_diagnosis_reading_is_computed():
 
 def test_dataset_page_and_index(tmp_path):
     params = _project(tmp_path)
+    generalise = tmp_path / "results" / "deepcrack" / "full" / "generalise.json"
+    generalise.write_text(json.dumps({"scores": {"deepcrack": {"iou": 41.5}, "cfd": {"iou": 9.0}}}))
     pages = tmp_path / "docs" / "results"
     page = report.write_dataset_report(params, "deepcrack", pages).read_text()
-    row = "| deepcrack | 1.000 | 2.000 | 3.000 | 4.000 | 45.000 | 69.148 | 38.000 | 70.000 | no | cpu | mobilenet_v2 | 20.000 |"
+    # beside the paper protocol's IoU, the same photos through predict's default path
+    row = ("| deepcrack | 1.000 | 2.000 | 3.000 | 4.000 | 45.000 | 41.500 | 69.148 | 38.000 | 70.000 | no | cpu | "
+           "mobilenet_v2 | 20.000 |")
     assert row in page
     assert "## Where the IoU is lost" in page and "| pseudo labels, selected epoch | val | 25.000 | epoch 6 |" in page
     assert "_missing: `" in page  # no ablation/comparison/benchmark files here: said, not invented
@@ -89,7 +93,11 @@ def test_dataset_page_and_index(tmp_path):
     index = report.write_index(pages, tmp_path / "docs" / "results.md").read_text()
     summary = index.split("## Per-dataset pages")[0]
     assert row in summary  # the page's row, read back from its JSON
-    assert "| cfd | – | – | – | – | – | 38.184 | – | – | no page yet |" in summary  # missing, with the paper's IoU
+    assert "| cfd | – | – | – | – | – | – | 38.184 | – | – | no page yet |" in summary  # missing, with the paper's IoU
+    assert "No generalisation page yet (`dvc repro generalisation`" in index
+    (pages / "generalisation.md").write_text("# Generalisation\n")
+    index = report.write_index(pages, tmp_path / "docs" / "results.md").read_text()
+    assert "[generalisation](results/generalisation.md)" in index
     assert "- [deepcrack](results/deepcrack.md)" in index and "dvc repro report@crack500" in index
     assert "- [2026-12-01](results/archive/2026-12-01.md)" in index
 

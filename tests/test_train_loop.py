@@ -304,3 +304,21 @@ def test_the_supervised_variant_selects_on_val_masks_the_weak_model_never(tiny_d
         terms = [row[k] for k in ("val_agreement_iou", "val_cls_accuracy", "val_det_accuracy")]
         expected = row["val_diag_det_iou"] if target == "mask" else sum(terms) / 3
         assert row["val_score"] == pytest.approx(expected), target
+
+
+def test_source_weights_give_each_source_its_share_of_the_draws():
+    from wpcrack.errors import ConfigError
+
+    weights = loop.source_row_weights(["a"] * 30 + ["b"] * 10, {"a": 1.0, "b": 3.0})
+    assert weights[:30].sum().item() == pytest.approx(0.25) and weights[30:].sum().item() == pytest.approx(0.75)
+    drawn = torch.multinomial(weights, 4000, replacement=True, generator=torch.Generator().manual_seed(0))
+    assert (drawn >= 30).float().mean().item() == pytest.approx(0.75, abs=0.03)
+    with pytest.raises(ConfigError, match="no weight for source"):
+        loop.source_row_weights(["a", "c"], {"a": 1.0})
+
+
+def test_a_weighted_run_takes_max_steps_per_epoch_draws(tiny_data, tmp_path):
+    cfg = _cfg(tiny_data.parent / "data", "train.epochs=2", "train.max_steps_per_epoch=3",
+               "train.source_weights={synthetic: 1.0}")
+    out = train(cfg, tmp_path / "weighted", track=False)
+    assert out["steps"] == 6 and out["epochs"] == 2

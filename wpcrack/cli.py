@@ -147,9 +147,27 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_generalise(args: argparse.Namespace) -> None:
-    from wpcrack.evaluate.generalise import generalise
+    from wpcrack.evaluate.generalise import score_model, table
 
-    generalise(args.params, tuple(args.models), Path(args.out), args.limit)
+    if not args.models and not args.table:
+        raise ConfigError("wpcrack generalise: name the model(s) to score, or --table to gather the scores")
+    wrong = [text for text in args.set or () if not text.startswith("predict.")]
+    if wrong:
+        raise ConfigError(f"wpcrack generalise --set {wrong[0]}: only predict.KEY=VALUE settings are tried here")
+    if args.set and args.split != "val":
+        raise ConfigError("wpcrack generalise --set: predict settings are tried on --split val only (never on test)")
+    if args.table and args.split != "test":
+        raise ConfigError("wpcrack generalise --table gathers the test scores (--split test)")
+    for model in args.models:
+        score_model(args.params, model, args.limit, args.split, tuple(args.set or ()))
+    if args.table:
+        table(args.params, Path(args.out))
+
+
+def cmd_field(args: argparse.Namespace) -> None:
+    from wpcrack.evaluate.field import score_field
+
+    score_field(args.params, args.dataset, args.variant, args.model, Path(args.out) if args.out else None)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -343,13 +361,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generalise", help="score the full models on every test split through predict's default "
                                           "path (scale chosen per photo), and DeepCrack's photos enlarged 2x-8x")
-    p.add_argument("--models", nargs="+", default=["deepcrack", "cfd", "crack500", "roads"],
-                   help="runs whose full model is scored; absent ones stay empty (default: all four)")
-    p.add_argument("--out", default="docs/results/generalisation",
-                   help="output stem: <out>.json (the figures), <out>_details.json")
+    p.add_argument("models", nargs="*", metavar="MODEL",
+                   help="full models to score (deepcrack, cfd, crack500, roads): results/<model>/full/generalise.json")
+    p.add_argument("--table", action="store_true",
+                   help="gather the scored models into <out>.json and <out>.md (absent models stay empty)")
+    p.add_argument("--out", default="docs/results/generalisation", help="table's output stem (default: %(default)s)")
+    p.add_argument("--split", choices=("test", "val"), default="test",
+                   help="val: the photos of the val split at their own size (reports/generalisation/<model>_val.json), "
+                        "where predict's settings may be chosen (default: test)")
+    p.add_argument("--set", action="append", metavar="predict.KEY=VALUE",
+                   help="with --split val: try a predict setting (repeatable)")
     p.add_argument("--limit", type=int, help="score only the first N photos of each split (a quick look)")
     p.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
     p.set_defaults(func=cmd_generalise)
+
+    p = sub.add_parser("field", help="score a model on every field check set (field.sets: data/field/<name>/) "
+                                     "through predict's default path")
+    _dataset_arg(p)
+    p.add_argument("--variant", default="full", help="variant from params.yaml (default: full)")
+    p.add_argument("--model", help="any model predict takes: a folder, a .onnx file, models:/..., 'champion' "
+                                   "(default: models/<dataset>/<variant>)")
+    p.add_argument("--out", help="output JSON (default: results/<dataset>/<variant>/field.json)")
+    p.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
+    p.set_defaults(func=cmd_field)
 
     p = sub.add_parser("report", help="write the results pages from the pipeline's metrics files "
                        "(no argument: every dataset's page and the index)")

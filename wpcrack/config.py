@@ -24,7 +24,8 @@ import yaml
 
 from wpcrack.errors import ConfigError
 
-DATASET_NAMES = ("synthetic", "deepcrack", "cfd", "crack500")
+DATASET_NAMES = ("synthetic", "deepcrack", "cfd", "crack500", "roads")
+COMPOSITE_DATASETS = ("roads",)  # unions of other prepared datasets (wpcrack.data.prepare)
 BACKBONES = ("resnet38d", "mobilenet_v2", "resnet18", "resnet50", "tiny")
 
 
@@ -92,6 +93,14 @@ class Crack500Prepare:
 
 
 @dataclass(frozen=True)
+class RoadsPrepare:
+    """The multi-source run: the train and val rows of these prepared datasets, each at the pixel
+    scale of its own rows (docs/data.md), and every source's test split."""
+
+    sources: tuple[str, ...] = ("deepcrack", "cfd", "crack500")
+
+
+@dataclass(frozen=True)
 class PrepareConfig:
     seed: int = 2024
     min_crack_pixels: int = 1
@@ -99,6 +108,7 @@ class PrepareConfig:
     deepcrack: DeepCrackPrepare = field(default_factory=DeepCrackPrepare)
     cfd: CFDPrepare = field(default_factory=CFDPrepare)
     crack500: Crack500Prepare = field(default_factory=Crack500Prepare)
+    roads: RoadsPrepare = field(default_factory=RoadsPrepare)
 
 
 @dataclass(frozen=True)
@@ -169,6 +179,17 @@ class PseudoLabelConfig:
     iterations: int = 10
     workers: int = 1
     min_pixels: int = 1
+    # Composite datasets (roads): the pseudo-label sections each source's own runs merge over these
+    # (datasets.<source>.overrides.<profile>.pseudo_labels), filled in by ``resolve``, never by hand.
+    by_source: dict = field(default_factory=dict, hash=False)  # settings stay hashable (crf_tuning's grid)
+
+    def of_source(self, source: str) -> PseudoLabelConfig:
+        """The settings for the rows of ``source``: these, with that source's own overrides merged."""
+        extra = self.by_source.get(source)
+        if not extra:
+            return self
+        values = deep_merge({k: v for k, v in dataclasses.asdict(self).items() if k != "by_source"}, extra)
+        return _build(PseudoLabelConfig, values, f"pseudo_labels (source {source})")
 
 
 @dataclass(frozen=True)
@@ -187,6 +208,9 @@ class TrainConfig:
     detach_detector_features: bool = True
     freeze_bn: bool = False
     max_steps_per_epoch: int | None = None
+    # Rows drawn per source (the manifest's ``dataset`` column) in these proportions, with
+    # replacement, max_steps_per_epoch batches an epoch; empty: every row once per epoch, shuffled.
+    source_weights: dict = field(default_factory=dict, hash=False)
     num_workers: int = 0
     seed: int = 0
     amp: bool = True
@@ -248,6 +272,14 @@ class BenchmarkConfig:
 
 
 @dataclass(frozen=True)
+class FieldConfig:
+    """Field check sets (``<paths.data>/field/<name>/``, ``wpcrack.data.field``): what ``wpcrack field``
+    scores every model on, through predict's default path."""
+
+    sets: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     experiment: str = "wpcrack"
     model_name_prefix: str = "wpcrack"
@@ -271,6 +303,7 @@ class Config:
     classical: ClassicalConfig = field(default_factory=ClassicalConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    field: FieldConfig = field(default_factory=FieldConfig)  # last: the name hides dataclasses.field below it
     profile: str = "cpu"
     dataset: str | None = None
     variant: str = "full"
@@ -487,8 +520,11 @@ def resolve(
         merged = deep_merge(merged, {"train": {"seed": seed}})
     for text in overrides:
         merged = deep_merge(merged, parse_override(text))
+    if dataset in COMPOSITE_DATASETS:
+        merged.setdefault("pseudo_labels", {})["by_source"] = _labels_by_source(datasets, merged, dataset, profile)
     merged.update(profile=profile, dataset=dataset, variant=variant)
     cfg = _build(Config, merged, "")
+    _check_sources(cfg)
     t = cfg.train
     if t.epochs == 0 and not (t.finetune_epochs and t.detector_target == "mask"):
         raise ConfigError("train.epochs: 0 (fine-tuning alone, from ImageNet) needs train.finetune_epochs > 0 and "
@@ -498,6 +534,35 @@ def resolve(
         raise ConfigError(f"evaluate.tile_overlap: {e.tile_overlap} must be smaller than evaluate.tile_size "
                           f"({e.tile_size}): the tiles would not advance")
     return cfg
+
+
+def _labels_by_source(datasets: dict, merged: dict, dataset: str, profile: str) -> dict[str, dict]:
+    """Each source's own pseudo-label overrides under ``profile``: a composite run labels a source's
+    rows as that source's own run does."""
+    sources = ((merged.get("prepare") or {}).get(dataset) or {}).get("sources", RoadsPrepare.sources)
+    out = {}
+    for source in sources:
+        entry = datasets.get(source) or {}
+        extra = ((entry.get("overrides") or {}).get(profile) or {}).get("pseudo_labels")
+        if extra:
+            out[source] = copy.deepcopy(extra)
+    return out
+
+
+def _check_sources(cfg: Config) -> None:
+    sources = cfg.prepare.roads.sources
+    wrong = [s for s in sources if s not in DATASET_NAMES or s in COMPOSITE_DATASETS]
+    if wrong or not sources:
+        raise ConfigError(f"prepare.roads.sources: {', '.join(map(repr, wrong)) or 'empty'}; each must be one of "
+                          f"{', '.join(d for d in DATASET_NAMES if d not in COMPOSITE_DATASETS)}")
+    for name, weight in cfg.train.source_weights.items():
+        if not isinstance(weight, int | float) or isinstance(weight, bool) or weight < 0:
+            raise ConfigError(f"train.source_weights.{name}: {weight!r} must be a number >= 0")
+    if cfg.train.source_weights and not any(cfg.train.source_weights.values()):
+        raise ConfigError("train.source_weights: at least one weight must be > 0")
+    if cfg.train.source_weights and cfg.train.max_steps_per_epoch is None:
+        raise ConfigError("train.source_weights needs train.max_steps_per_epoch: rows are drawn with replacement, "
+                          "so an epoch has no natural length")
 
 
 def load_config(

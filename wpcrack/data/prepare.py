@@ -20,6 +20,7 @@ with their image-level label and no mask (they have no pixel labels).
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -28,7 +29,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from wpcrack.config import Config, PrepareConfig
+from wpcrack.config import COMPOSITE_DATASETS, Config, PrepareConfig
 from wpcrack.errors import DataError
 from wpcrack.geometry import grid_cells, resize_mask, resize_square
 from wpcrack.io import atomic_dir, list_images, read_image, read_mask, write_image, write_json
@@ -89,6 +90,21 @@ class _Writer:
         image, _ = self._paths(split, name, ".png")
         write_image(self.root / image, rgb)
         self.rows.append(Row(image, "", label, split, self.dataset, source_id, *rgb.shape[:2]))
+
+    def add_linked(self, source_root: Path, row: dict, source: str) -> None:
+        """A row of another prepared dataset, unchanged: its files hard-linked (copied where links fail),
+        ``dataset`` naming the source and ``source_id`` prefixed with it."""
+        stem, suffix = Path(row["image"]).stem, Path(row["image"]).suffix
+        image, mask_rel = self._paths(row["split"], f"{source}-{stem}", suffix)
+        pairs = [(row["image"], image)] + ([(row["mask"], mask_rel)] if row["mask"] else [])
+        for rel, out in pairs:
+            (self.root / out).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(source_root / rel, self.root / out)
+            except OSError:
+                shutil.copyfile(source_root / rel, self.root / out)
+        self.rows.append(Row(image, mask_rel if row["mask"] else "", int(row["label"]), row["split"], source,
+                             f"{source}/{row['source_id']}", int(row["height"]), int(row["width"])))
 
     def add_original(self, split: str, item: Item, min_pixels: int) -> None:
         """A test row: the original image bytes (decoded once to validate) and its mask as 0/255 PNG."""
@@ -216,7 +232,7 @@ def _deepcrack(p: PrepareConfig, raw: Path, writer: _Writer) -> dict:
     """Official 300/237 split; the val photos are carved by scene, and training images whose scene
     also appears in the official test split are dropped (12 photos; see docs/data.md)."""
     c = p.deepcrack
-    train = pairs(raw / "train_img", raw / "train_lab", deepcrack_source)
+    train = raw_items(raw, "deepcrack")
     test = pairs(raw / "test_img", raw / "test_lab", deepcrack_source)
     test_sources = {it.source_id for it in test}
     dropped = [it for it in train if it.source_id in test_sources]
@@ -232,7 +248,7 @@ def _deepcrack(p: PrepareConfig, raw: Path, writer: _Writer) -> dict:
 
 def _cfd(p: PrepareConfig, raw: Path, writer: _Writer) -> dict:
     c = p.cfd
-    items = pairs(raw / "images", raw / "masks")
+    items = raw_items(raw, "cfd")
     if len(items) != c.train_count + c.test_count:
         raise DataError(raw / "images", f"expected {c.train_count + c.test_count} images "
                         f"(train_count + test_count), found {len(items)}")
@@ -262,16 +278,26 @@ def crack500_source(stem: str) -> str:
     return "_".join(parts[:2])
 
 
-def _crack500(p: PrepareConfig, raw: Path, writer: _Writer) -> dict:
-    c = p.crack500
+def raw_items(raw: Path, dataset: str) -> list[Item]:
+    """The photos a dataset's train and val rows are made of, at their own size, with their source
+    ids (DeepCrack: the official training photos; CFD: all of them; CRACK500: the crops)."""
+    if dataset == "deepcrack":
+        return pairs(raw / "train_img", raw / "train_lab", deepcrack_source)
+    if dataset == "cfd":
+        return pairs(raw / "images", raw / "masks")
     root = raw / "crack500"
-    items = pairs(root / "train", root / "label") + pairs(root / "val", root / "val_label")
     named = []
-    for it in items:
+    for it in pairs(root / "train", root / "label") + pairs(root / "val", root / "val_label"):
         try:
             named.append(Item(it.name, it.image, it.mask, crack500_source(it.name)))
         except ValueError:
             raise DataError(it.image, "file name is not <date>_<time>_<x>_<y> (source photo unknown)") from None
+    return named
+
+
+def _crack500(p: PrepareConfig, raw: Path, writer: _Writer) -> dict:
+    c = p.crack500
+    named = raw_items(raw, "crack500")
     split_of = split_sources((it.source_id for it in named), {"val": c.val_fraction, "test": c.test_fraction},
                              np.random.default_rng([p.seed, 0]))
     test = [it for it in named if split_of[it.source_id] == "test"]
@@ -298,15 +324,35 @@ def _synthetic(p: PrepareConfig, raw: Path, writer: _Writer) -> dict:
     return {}
 
 
+def _roads(p: PrepareConfig, prepared: Path, writer: _Writer) -> dict:
+    """The union of the sources' prepared rows, as their own runs see them: each source's prepare has
+    already brought its training rows to a crack width of a few pixels at 256 px (docs/data.md), so
+    no row is rescaled again. ``prepared`` is ``<paths.data>/prepared``."""
+    from wpcrack.data.manifest import load_manifest
+
+    rows = {}
+    missing = [s for s in p.roads.sources if not (prepared / s / "manifest.csv").is_file()]
+    if missing:
+        raise DataError(prepared / missing[0] / "manifest.csv", "not found: the roads run is made of the prepared "
+                        + ", ".join(missing) + "; run " + " ".join(f"`dvc repro prepare@{s}`" for s in missing) + " first")
+    for source in p.roads.sources:
+        manifest = prepared / source / "manifest.csv"
+        frame = load_manifest(manifest)
+        for row in _progress(frame.to_dict("records"), f"roads <- {source}"):
+            writer.add_linked(manifest.parent, row, source)
+        rows[source] = {s: int((frame["split"] == s).sum()) for s in SPLITS}
+    return {"sources": rows}
+
+
 BUILDERS: dict[str, Callable[[PrepareConfig, Path, _Writer], dict]] = {
-    "synthetic": _synthetic, "deepcrack": _deepcrack, "cfd": _cfd, "crack500": _crack500,
+    "synthetic": _synthetic, "deepcrack": _deepcrack, "cfd": _cfd, "crack500": _crack500, "roads": _roads,
 }
 
 
 def train_size(p: PrepareConfig, dataset: str) -> int:
     """Side of the square training rows of ``dataset`` (what incoming images are rescaled to)."""
     return {"synthetic": p.synthetic.size, "deepcrack": p.deepcrack.image_size, "cfd": p.cfd.patch_size,
-            "crack500": p.crack500.image_size}[dataset]
+            "crack500": p.crack500.image_size, "roads": p.deepcrack.image_size}[dataset]
 
 
 def versions_log(data_root: Path, dataset: str) -> Path:
@@ -427,7 +473,9 @@ def prepare(cfg: Config, dataset: str) -> Path:
         raise DataError(dataset, f"unknown dataset; valid: {', '.join(BUILDERS)}")
     root = Path(cfg.paths.data)
     raw, out = root / "raw" / dataset, root / "prepared" / dataset
-    if dataset != "synthetic" and not raw.is_dir():
+    if dataset in COMPOSITE_DATASETS:
+        raw = root / "prepared"
+    elif dataset != "synthetic" and not raw.is_dir():
         raise DataError(raw, f"raw data not found; run `wpcrack download {dataset}` first")
     with atomic_dir(out) as tmp:
         writer = _Writer(tmp, dataset)

@@ -58,7 +58,7 @@ def device() -> str:
 def load_model_dir(path: str | Path) -> tuple[torch.nn.Module, Config]:
     """(SlimDetector, resolved config) of a trained model folder, of the ``best.pt`` in one, or of an
     ONNX file written by ``wpcrack export --onnx`` (run by ONNX Runtime)."""
-    from wpcrack.evaluate.inference import load_trained
+    from wpcrack.inference.loading import load_trained
 
     path = Path(path)
     if path.suffix == ".onnx":
@@ -157,7 +157,7 @@ def check_scales(scales: Sequence[float] | None) -> tuple[float, ...] | None:
 def scale_measure(detector: torch.nn.Module, cfg: Config) -> tuple[Callable[[list[np.ndarray], float], float], str]:
     """(how ``choose_scale`` scores the tiles of one scale, the evidence kind): ``predict.evidence``,
     or the detector's crack mass for a model without a classifier head (an ONNX export)."""
-    from wpcrack.evaluate.inference import classify, predict_image
+    from wpcrack.inference.tiles import classify, predict_image
 
     kind = cfg.predict.evidence
     if kind == "classifier" and supports_gate(detector):
@@ -191,7 +191,7 @@ def probability_map(detector: torch.nn.Module, rgb: np.ndarray, cfg: Config, gat
 
     With ``evaluate.flip`` the gate sees each tile's four flips; the counts are per tile (skipped:
     the mean over the flips)."""
-    from wpcrack.evaluate.inference import FLIPS, predict_image
+    from wpcrack.inference.tiles import FLIPS, predict_image
 
     scales = check_scales(scales)
     trained_mm = training_mm_per_pixel(cfg)

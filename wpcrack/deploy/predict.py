@@ -5,7 +5,7 @@ trained model folder (``best.pt`` + ``config.yaml``). Architecture comes from th
 resolved configuration; inference settings (``evaluate.threshold``, ``tile_size``,
 ``tile_overlap``) from ``params.yaml`` when there is one, so they can be tuned without retraining.
 
-Images larger than a tile go through ``wpcrack.evaluate.inference.predict_image`` (overlapping
+Images larger than a tile go through ``wpcrack.inference.tiles.predict_image`` (overlapping
 tiles, blended). With ``--gate P`` (opt-in) ``GatedDetector`` makes the classifier skip tiles whose
 crack probability is below P, so a large survey photo costs detector time only where there are
 cracks. It is off by default: on imagery unlike the training data the classifier's probabilities

@@ -253,7 +253,7 @@ def benchmark(cfg: Config, model_dir: Path, out_dir: Path, model: torch.nn.Modul
     (``wpcrack.diagnostics.gpu_check``) measures the eager and the compiled GPU rows in separate processes.
     """
     if model is None:
-        from wpcrack.evaluate.inference import load_trained
+        from wpcrack.inference.loading import load_trained
 
         model = load_trained(model_dir, cfg, "cpu")
     model = model.cpu().eval()

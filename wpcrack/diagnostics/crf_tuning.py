@@ -111,7 +111,8 @@ def _scores(labels: list[np.ndarray], masks: list[np.ndarray]) -> dict[str, floa
 def tune(cfg: Config, model_dir: Path, grid: dict[str, list[float]], split: str = "train",
          crop: int | None = None, limit: int = 64, workers: int = 1, seed: int = 0) -> pd.DataFrame:
     """One row per CRF setting (and per plain CAM threshold, for reference), best IoU first."""
-    from wpcrack.evaluate.inference import crack_cams, load_trained
+    from wpcrack.inference.loading import load_trained
+    from wpcrack.inference.tiles import crack_cams
 
     if split == "test":
         raise ConfigError("tune-crf refuses the test split: choosing settings on it would leak the test set")

@@ -754,7 +754,7 @@ def step_benchmark(spec: dict) -> dict:
     import dataclasses
 
     from wpcrack.diagnostics.benchmark import benchmark
-    from wpcrack.evaluate.inference import load_trained
+    from wpcrack.inference.loading import load_trained
 
     cfg = _config(spec)
     model = load_trained(Path(spec["model_dir"]), cfg, "cpu")

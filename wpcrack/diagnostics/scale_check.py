@@ -40,7 +40,7 @@ def _views(factor: float) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
 
 def scale_check(model, crack: list[np.ndarray], nocrack: list[np.ndarray], factor: float = 2.0) -> pd.DataFrame:
     """Per class and view: how many images, mean crack probability and the share called crack (> 0.5)."""
-    from wpcrack.evaluate.inference import classify
+    from wpcrack.inference.tiles import classify
 
     rows = []
     for images, rgbs in (("crack", crack), ("crack-free", nocrack)):
@@ -57,7 +57,7 @@ def scale_check(model, crack: list[np.ndarray], nocrack: list[np.ndarray], facto
 def check(cfg: Config, model_dir: Path, split: str = "val", limit: int = 64, factor: float = 2.0) -> pd.DataFrame:
     """``scale_check`` on up to ``limit`` crack and ``limit`` crack-free images of ``split`` (manifest order)."""
     from wpcrack.data.manifest import load_manifest
-    from wpcrack.evaluate.inference import load_trained
+    from wpcrack.inference.loading import load_trained
 
     if split == "test":
         raise ConfigError("scale-check reads the train or val split: the test split is scored once, by evaluate")

@@ -24,7 +24,7 @@ import numpy as np
 from wpcrack.config import Config, DarknessConfig
 from wpcrack.method.darkness import dark_pixels, remove_small
 from wpcrack.errors import DataError
-from wpcrack.evaluate.inference import at_model_scale, score_size
+from wpcrack.evaluate.protocol import at_model_scale, score_size
 from wpcrack.evaluate.metrics import ConfusionAccumulator, align, format_table, summary_row
 from wpcrack.io import atomic_dir, read_image, read_mask, write_image, write_json
 from wpcrack.method.pseudo_labels import confusion, iou_of

@@ -24,19 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wpcrack.config import Config
+from wpcrack.config import COMPOSITE_DATASETS, Config
 from wpcrack.errors import DataError
 from wpcrack.evaluate.figures import FigureRow, pick_rows, write_curves, write_figure
-from wpcrack.evaluate.inference import (
-    at_model_scale,
-    eval_views,
-    inference_size,
-    model_from_checkpoint,
-    predict_image,
-    read_checkpoint,
-    score_size,
-)
 from wpcrack.evaluate.metrics import ConfusionAccumulator, align, format_table, summary_row
+from wpcrack.evaluate.protocol import at_model_scale, eval_views, inference_size, score_size, source_config
+from wpcrack.inference.loading import model_from_checkpoint, read_checkpoint
+from wpcrack.inference.tiles import predict_image
 from wpcrack.io import atomic_dir, atomic_path, read_image, read_mask, write_image, write_json
 
 MODES = ("detector", "detector_ungated", "detector_gated", "cam", "cam_crf")
@@ -71,6 +65,13 @@ def quantize(prob: np.ndarray) -> np.ndarray:
 
 def protocol(cfg: Config) -> dict:
     """How the numbers were made, written beside them."""
+    if cfg.dataset in COMPOSITE_DATASETS:
+        return {
+            "dataset": cfg.dataset, "variant": cfg.variant, "profile": cfg.profile, "threshold": cfg.evaluate.threshold,
+            "sources": {s: protocol(source_config(cfg, s)) for s in cfg.prepare.roads.sources},
+            "reduction": "pooled: TP/FP/FN/TN summed over every source's test pixels, each source scored by its "
+                         "own protocol; by_source: each source's own sums",
+        }
     size, seen = score_size(cfg), inference_size(cfg)
     return {
         "dataset": cfg.dataset,
@@ -104,8 +105,8 @@ def evaluate(cfg: Config, model_dir: Path, out_dir: Path) -> dict:
     checkpoint_path, ckpt = read_checkpoint(model_dir)
     model = model_from_checkpoint(checkpoint_path, ckpt, cfg, device)
     root, rows = load_test_rows(cfg)
-    size = score_size(cfg)
     accs = {m: ConfusionAccumulator(cfg.evaluate.threshold, cfg.evaluate.pr_thresholds) for m in MODES}
+    by_source: dict[str, ConfusionAccumulator] = {}
     shown = set(pick_rows(len(rows), cfg.evaluate.figure_images))
     figure_rows = []
     from wpcrack.deploy.detection import GatedDetector, weights_digest
@@ -114,15 +115,18 @@ def evaluate(cfg: Config, model_dir: Path, out_dir: Path) -> dict:
     start = time.perf_counter()
     with atomic_dir(out_dir / "predictions") as pred_dir:
         for i, row in enumerate(rows):
+            row_cfg = source_config(cfg, row.dataset)  # a composite run scores each source by its own protocol
+            size = score_size(row_cfg)
             rgb = read_image(root / row.image)
             gt_full = read_mask(root / row.mask, shape=rgb.shape[:2])
-            views = eval_views(model, rgb, cfg, label=int(row.label))
+            views = eval_views(model, rgb, row_cfg, label=int(row.label))
             prob8 = quantize(views.prob)
             write_image(pred_dir / f"{Path(row.image).stem}.png", prob8)
             prob, gt = align(prob8, gt_full, size)
             accs["detector"].add(prob, gt)
+            by_source.setdefault(row.dataset, ConfusionAccumulator(cfg.evaluate.threshold, 2)).add(prob, gt)
             for mode, net in (("detector_ungated", model), ("detector_gated", gated)):
-                _, alt = at_model_scale(rgb, cfg, lambda image, net=net: predict_image(net, image, cfg))
+                _, alt = at_model_scale(rgb, row_cfg, lambda image, net=net: predict_image(net, image, row_cfg))
                 accs[mode].add(*align(quantize(alt), gt_full, size))
             accs["cam"].add(views.cam, gt)
             accs["cam_crf"].add(views.pseudo.astype(np.float32), gt)
@@ -131,6 +135,8 @@ def evaluate(cfg: Config, model_dir: Path, out_dir: Path) -> dict:
     seconds = time.perf_counter() - start
 
     metrics = {m: acc.summary() for m, acc in accs.items()}
+    if len(by_source) > 1:  # pixels pooled over sources above; each source's own figures here
+        metrics["by_source"] = {source: acc.summary() for source, acc in sorted(by_source.items())}
     metrics["protocol"] = protocol(cfg)
     metrics["model"] = {"weights_md5": weights_digest(model.slim()), "config_sha256": trained_config_sha256(ckpt)}
     metrics["gate"] = {"threshold": GATE, "tiles": gated.tiles, "skipped": gated.skipped}
@@ -170,6 +176,8 @@ def _track(cfg: Config, model_dir: Path, out_dir: Path, metrics: dict, seconds_p
         for key, value in metrics[mode].items()
         if isinstance(value, (int, float)) and not isinstance(value, bool)
     }
+    flat.update({f"{source}/{key}": float(value) for source, summary in metrics.get("by_source", {}).items()
+                 for key, value in summary.items() if isinstance(value, (int, float)) and not isinstance(value, bool)})
     flat["seconds_per_image"] = seconds_per_image
     with start_run(cfg, stage=f"evaluate@{run_key(cfg)}") as tracker:
         tracker.log_params({"evaluate": dataclasses.asdict(cfg.evaluate), "model_dir": str(model_dir)})

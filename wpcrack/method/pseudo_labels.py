@@ -149,17 +149,20 @@ class CRFPool:
             ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
             self._executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx)
 
-    def submit(self, rgbs: Sequence[np.ndarray], cams: Sequence[np.ndarray]) -> CRFHandle:
-        """Queue the pseudo label of each (uint8 HxWx3 image, HxW CAM in [0,1]) pair."""
+    def submit(self, rgbs: Sequence[np.ndarray], cams: Sequence[np.ndarray],
+               cfg: PseudoLabelConfig | None = None) -> CRFHandle:
+        """Queue the pseudo label of each (uint8 HxWx3 image, HxW CAM in [0,1]) pair, made with ``cfg``
+        (the pool's settings by default; another for the rows of one source of a composite dataset)."""
+        cfg = cfg or self.cfg
         rgbs = [np.ascontiguousarray(r, dtype=np.uint8) for r in rgbs]
         cams = [_compact_cam(c) for c in cams]
         if len(rgbs) != len(cams):
             raise ValueError(f"{len(rgbs)} images but {len(cams)} CAMs")
         if self._executor is None:
-            return CRFHandle(inline=(rgbs, cams, self.cfg))
+            return CRFHandle(inline=(rgbs, cams, cfg))
         chunks = np.array_split(np.arange(len(rgbs)), min(self.workers, len(rgbs))) if rgbs else []
         futures = [
-            self._executor.submit(_refine_many, [rgbs[i] for i in idx], [cams[i] for i in idx], self.cfg)
+            self._executor.submit(_refine_many, [rgbs[i] for i in idx], [cams[i] for i in idx], cfg)
             for idx in chunks
         ]
         return CRFHandle(futures=futures)

@@ -62,7 +62,7 @@ def make_labels(model: nn.Module, dataset, cfg: Config, runtime: Runtime, pool) 
 def detector_labels(model: nn.Module, dataset, cfg: Config, runtime: Runtime) -> dict[str, float]:
     """Self-training targets: each crack row's whole-image detector mask (p > 0.5)."""
 
-    def labels_of(rgbs: list[np.ndarray], x: torch.Tensor) -> list[np.ndarray]:
+    def labels_of(rgbs: list[np.ndarray], x: torch.Tensor, source: str) -> list[np.ndarray]:
         with runtime.autocast():
             prob = torch.sigmoid(model(x).float())[:, 0].cpu().numpy()
         return [(p > 0.5).astype(np.uint8) for p in prob]

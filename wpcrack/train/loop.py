@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Subset, WeightedRandomSampler
 
 from wpcrack.method.cam import crack_cam
 from wpcrack.config import Config
@@ -216,6 +216,14 @@ def _loader(dataset, cfg: Config, world: World, generator: torch.Generator, runt
     from torch.utils.data.distributed import DistributedSampler
 
     t = cfg.train
+    if t.source_weights:
+        if world.enabled:
+            raise ConfigError("train.source_weights: not available with torchrun (each process would draw alone)")
+        draw = WeightedRandomSampler(source_row_weights(dataset.frame["dataset"], t.source_weights),
+                                     t.max_steps_per_epoch * t.batch_size, replacement=True, generator=generator)
+        loader = DataLoader(dataset, batch_size=t.batch_size, sampler=draw, drop_last=True, num_workers=t.num_workers,
+                            generator=generator, worker_init_fn=_seed_worker, pin_memory=runtime.device.type == "cuda")
+        return None, loader, len(loader)
     sampler = DistributedSampler(dataset, num_replicas=world.size, rank=world.rank, shuffle=True,
                                  seed=t.seed) if world.enabled else None
     rows = len(sampler) if sampler is not None else len(dataset)
@@ -225,6 +233,23 @@ def _loader(dataset, cfg: Config, world: World, generator: torch.Generator, runt
         worker_init_fn=_seed_worker, pin_memory=runtime.device.type == "cuda",
     )
     return sampler, loader, min(len(loader), t.max_steps_per_epoch or len(loader))
+
+
+def source_row_weights(sources, weights: dict) -> torch.Tensor:
+    """Per-row sampling weights that give each source (a row's ``dataset``) its share of the draws,
+    ``weights[source] / sum(weights)``, whatever its number of rows."""
+    import pandas as pd
+
+    sources = pd.Series(list(sources), dtype=str)
+    unknown = sorted(set(sources) - set(weights))
+    if unknown:
+        raise ConfigError(f"train.source_weights has no weight for source(s) {', '.join(unknown)} of the training rows")
+    counts = sources.value_counts()
+    total = sum(float(weights[s]) for s in counts.index)
+    if total <= 0:
+        raise ConfigError("train.source_weights: the training rows' sources all weigh 0")
+    share = sources.map(lambda s: float(weights[s]) / total / counts[s])
+    return torch.tensor(share.to_numpy(), dtype=torch.double)
 
 
 def _averaging(step, average: WeightAverage | None, model):

@@ -51,35 +51,37 @@ def refresh(model: torch.nn.Module, dataset, cfg: Config, runtime, pool: CRFPool
     (``pseudo_label_iou`` against the rows' masks, monitoring only; ``pseudo_label_kept``)."""
     p = cfg.pseudo_labels
 
-    def labels_of(rgbs: list[np.ndarray], x: torch.Tensor) -> list[np.ndarray]:
+    def labels_of(rgbs: list[np.ndarray], x: torch.Tensor, source: str) -> list[np.ndarray]:
         with runtime.autocast():
             cams = image_cams(model.classifier, x, p.cam_scales, p.cam_flip)
-        return pool.submit(rgbs, list(cams.float().cpu().numpy())).result()
+        return pool.submit(rgbs, list(cams.float().cpu().numpy()), p.of_source(source)).result()
 
     return relabel_crack_rows(model, dataset, cfg, runtime, labels_of)
 
 
 def relabel_crack_rows(model: torch.nn.Module, dataset, cfg: Config, runtime,
-                       labels_of: Callable[[list[np.ndarray], torch.Tensor], list[np.ndarray]]) -> dict[str, float]:
-    """Set ``dataset.pseudo`` to ``labels_of(rgbs, normalised batch)`` for every crack row, the model
-    in eval mode, images of one shape batched together; returns the label diagnostic."""
+                       labels_of: Callable[[list[np.ndarray], torch.Tensor, str], list[np.ndarray]]) -> dict[str, float]:
+    """Set ``dataset.pseudo`` to ``labels_of(rgbs, normalised batch, source)`` for every crack row, the
+    model in eval mode, images of one shape and source (the manifest's ``dataset``) batched together;
+    returns the label diagnostic."""
     from wpcrack.data.datasets import normalize
     from wpcrack.models.wpcracknet import eval_mode
 
     crack_rows = [i for i, label in enumerate(dataset.labels) if label == 1]
     by_shape: dict[tuple, list[int]] = defaultdict(list)
     raws = {}
+    sources = dataset.frame["dataset"].astype(str).tolist()
     for i in crack_rows:
         raws[i] = dataset.raw(i)
-        by_shape[raws[i][0].shape].append(i)
+        by_shape[raws[i][0].shape, sources[i]].append(i)
     labels: dict[int, np.ndarray] = {}
     with eval_mode(model), torch.inference_mode():
-        for rows in by_shape.values():
+        for (_, source), rows in by_shape.items():
             for start in range(0, len(rows), BATCH):
                 chunk = rows[start:start + BATCH]
                 rgbs = [raws[i][0] for i in chunk]
                 x = runtime.images(normalize(torch.from_numpy(np.stack(rgbs))))
-                labels.update(zip(chunk, labels_of(rgbs, x), strict=True))
+                labels.update(zip(chunk, labels_of(rgbs, x, source), strict=True))
     dataset.pseudo = labels
     return _label_diagnostic(labels, raws, crack_rows, cfg.pseudo_labels.min_pixels)
 
