@@ -52,12 +52,9 @@ Measure = Callable[[list[np.ndarray], float], float]  # tiles of one scale (uint
 
 def train_row_side(cfg: Config) -> int:
     """Side of the square rows the model was trained on: what one view of a photo looked like."""
-    return {
-        "deepcrack": cfg.prepare.deepcrack.image_size,
-        "crack500": cfg.prepare.crack500.image_size,
-        "cfd": cfg.prepare.cfd.patch_size,
-        "synthetic": cfg.prepare.synthetic.size,
-    }.get(cfg.dataset or "", cfg.evaluate.tile_size)
+    from wpcrack.data.prepare import train_size
+
+    return train_size(cfg.prepare, cfg.dataset) if cfg.dataset else cfg.evaluate.tile_size
 
 
 def training_mm_per_pixel(cfg: Config) -> float | None:
