@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from wpcrack.config import Config, PathsConfig, PrepareConfig, SyntheticPrepare
 from wpcrack.data.datasets import WeakDataset, augment, denormalize, normalize
 from wpcrack.data.prepare import prepare
-from wpcrack.data.synthetic import Marks, add_crack, make_image, survey_photo
+from wpcrack.data.synthetic import add_crack, make_image, survey_photo
 from wpcrack.errors import DataError
 
 

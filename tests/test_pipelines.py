@@ -127,6 +127,7 @@ class FakeStages:
         self.name = _model(root)
         self.change_test_split = False
         self.evaluate_stale_model = False  # evaluate scores the previous version's weights
+        self.field: list[float] = []  # field@: IoU on the field set "town" of each challenger, in order
         self.trained = None
 
     def __call__(self, targets, cwd=".", gpu=False):
@@ -160,6 +161,12 @@ class FakeStages:
             evaluated = self.trained if not self.evaluate_stale_model else int(self.trained) - 1
             (out / "metrics.json").write_text(json.dumps({"detector": {"iou": self.ious.pop(0)},
                                                           "model": {"weights_md5": f"digest v{evaluated}"}}))
+            if self.field:  # what `wpcrack field` writes beside the metrics, on the same weights
+                from wpcrack.data.field import field_digest, field_photos
+
+                digest = field_digest(field_photos(self.root / "data", "town"))
+                (out / "field.json").write_text(json.dumps({"weights_md5": f"digest v{evaluated}", "sets": {
+                    "town": {"iou": self.field.pop(0), "digest": digest}}}))
         return ""
 
 
@@ -253,6 +260,49 @@ def test_metrics_of_other_weights_never_promote(project, fake_stages, prefect_se
     assert second["decision"] == "metrics_not_of_challenger" and not second["promoted"]
     assert _champion(project) == champion
     assert _tree(project, "models", "results", "dvc.lock", "data/prepared") == served
+
+
+def test_the_gate_weighs_the_teams_field_set_against_the_benchmark(project, fake_stages, prefect_server, tmp_path):
+    """A challenger that gains on the team's roads may lose a little on the benchmark (promotion
+    tolerances); one that loses on the roads is kept out however well it does on the benchmark."""
+    from tests.test_field import _set
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["field"]["sets"] = ["town"]
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _set(project / "data", n=2, name="town")
+    fake_stages.ious, fake_stages.field = [60.0, 59.5, 70.0], [20.0, 30.0, 25.0]
+    retrain = prefect_server["retrain"]
+    first = retrain.retrain(str(_good_batch(tmp_path / "b1", seed=11)), dataset=DATASET, root=str(project))
+    assert first["decision"] == "promoted" and first["challenger_field"] == {"town": 20.0}
+    second = retrain.retrain(str(_good_batch(tmp_path / "b2", seed=12)), dataset=DATASET, root=str(project))
+    assert second["decision"] == "promoted"  # -0.5 on the benchmark (tolerance 1), +10 on the town
+    assert second["reasons"] == ["field town 30.00 vs 20.00 (+10.00)", "benchmark 59.50 vs 60.00 (-0.50)"]
+    third = retrain.retrain(str(_good_batch(tmp_path / "b3", seed=13)), dataset=DATASET, root=str(project))
+    assert third["decision"] == "kept_champion" and _champion(project) == second["challenger_version"]
+    assert third["reasons"][0] == "field town 25.00 vs 30.00 (-5.00): loses more than 1"
+    run = _decision_runs().iloc[0]
+    assert run["tags.decision"] == "kept_champion" and run["metrics.challenger_field/town"] == 25.0
+    assert run["metrics.champion_field/town"] == 30.0 and run["tags.data_version"] == "3"
+
+
+def test_intake_command_versions_good_files_and_names_bad_ones(project, prefect_server, tmp_path, capsys):
+    from wpcrack.cli import main
+
+    batch = _good_batch(tmp_path / "batch", seed=21)
+    _write(batch / "crack" / "broken.jpg", os.urandom(200))
+    assert main(["intake", DATASET, str(batch), "--root", str(project), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "broken.jpg: cannot be decoded as an image (corrupt)" in out and "checked only: nothing moved" in out
+    assert (batch / "crack" / "broken.jpg").is_file() and not (project / "data_versions").exists()
+    assert main(["intake", DATASET, str(batch), "--root", str(project)]) == 0
+    assert f"data/incoming/{DATASET} is now version 1 (+4" in capsys.readouterr().out
+    assert not (batch / "crack" / "broken.jpg").exists()  # quarantined with its reason
+    assert len(pd.read_csv(project / "data" / "incoming" / DATASET / "manifest.csv")) == 4
+    empty = tmp_path / "junk"
+    _write(empty / "no_crack" / "x.png", b"nothing")
+    assert main(["intake", DATASET, str(empty), "--root", str(project)]) == 2
+    assert "no usable image" in capsys.readouterr().err
 
 
 def test_bad_files_are_quarantined_exactly_and_no_source_is_lost(project, prefect_server, tmp_path):

@@ -120,26 +120,73 @@ def _new_version(logged, variant: str = "full") -> str:
     return mv.version
 
 
-def test_champion_moves_only_to_a_not_worse_model(logged):
+def test_the_gate_moves_the_champion_only_to_a_not_worse_model(logged, cfg):
+    from wpcrack.tracking.gate import judge
+
     first = str(logged[1])
-    assert tracking.set_champion_if_not_worse(NAME, first, 40.0) == (True, None, 40.0)
+    assert judge(cfg, NAME, first, 40.0)["decision"] == "promoted"
     worse = _new_version(logged)
-    assert tracking.set_champion_if_not_worse(NAME, worse, 39.5) == (False, 40.0, 39.5)
+    decision = judge(cfg, NAME, worse, 39.5)
+    assert decision["decision"] == "kept_champion" and decision["champion_iou"] == 40.0
     assert int(tracking.champion_version(NAME).version) == int(first)
+    mv = tracking.client().get_model_version(NAME, worse)  # still registered, loadable, and says why
+    assert mv.tags["gate_decision"] == "kept_champion" and "39.50 vs 40.00 (-0.50): worse" in mv.tags["gate_reasons"]
     equal = _new_version(logged)
-    assert tracking.set_champion_if_not_worse(NAME, equal, 40.0).promoted
+    assert judge(cfg, NAME, equal, 40.0)["promoted"]
     assert int(tracking.champion_version(NAME).version) == int(equal)
     assert tracking.version_score(NAME, worse) == 39.5  # recorded even when not promoted
 
 
+def test_the_gate_weighs_field_sets_measured_once_per_version(logged, cfg, tmp_path, monkeypatch):
+    import dataclasses
+    import json
+
+    from tests.test_field import _set
+    from wpcrack.data.field import field_digest, field_photos
+    from wpcrack.evaluate import generalise
+    from wpcrack.tracking import gate
+
+    _set(tmp_path, n=2, name="town")
+    with_field = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, data=str(tmp_path)),
+                                     field=dataclasses.replace(cfg.field, sets=("town",)))
+    digest = field_digest(field_photos(tmp_path, "town"))
+    champion = str(_new_version(logged))
+    tracking.record_score(NAME, champion, 80.0)
+    tracking.client().set_registered_model_alias(NAME, tracking.CHAMPION, champion)
+    challenger = str(_new_version(logged))
+    measured = {"town": {"iou": 99.0, "digest": digest}}  # wpcrack field's figures on the challenger's weights
+    decision = gate.judge(with_field, NAME, challenger, 79.5, promote=False, measured=measured)
+    assert decision["decision"] == "passed_gate"  # -0.5 on the benchmark, a large gain on the town
+    assert decision["challenger_field"] == {"town": 99.0}
+    town = decision["champion_field"]["town"]  # the champion was scored on the set through predict's path
+    assert 0.0 <= town < 99.0
+    assert str(tracking.champion_version(NAME).version) == champion  # promote=False: the alias stays
+    tags = tracking.client().get_model_version(NAME, champion).tags
+    assert tags["field/town/md5"] == digest and float(tags["field/town/iou"]) == town
+    monkeypatch.setattr(generalise, "score_files", lambda *a, **k: pytest.fail("scored twice"))
+    assert gate.field_scores(with_field, NAME, champion) == {"town": town}  # read back from the tags
+    lost = {"town": {"iou": town - 1.5, "digest": digest}}
+    later = str(_new_version(logged))
+    kept = gate.judge(with_field, NAME, later, 90.0, measured=lost)  # +10 on the benchmark, -1.5 on the town
+    assert kept["decision"] == "kept_champion" and "loses more than 1" in kept["reasons"][0]
+    run_id = gate.record(with_field, kept, "promote@synthetic", tags={"data_version": 3})
+    run = tracking.client().get_run(run_id)
+    assert run.data.tags["decision"] == "kept_champion" and run.data.tags["data_version"] == "3"
+    assert run.data.metrics["challenger_field/town"] == pytest.approx(town - 1.5)
+    assert tracking.client().get_model_version(NAME, later).tags["data_version"] == "3"
+    assert json.loads(json.dumps(kept))  # what the flows return and print
+
+
 def test_promote_champion_uses_the_evaluate_run_of_a_version(logged, cfg):
+    from wpcrack.tracking.gate import promote_champion
+
     version = _new_version(logged)
     with tracking.start_run(cfg, stage="evaluate@synthetic") as tracker:
         tracker.log_metrics({"detector/iou": 97.5})
-    result = tracking.promote_champion("synthetic", version=version)
-    assert result.promoted and result.challenger_iou == 97.5
+    decision = promote_champion(cfg, version)
+    assert decision["promoted"] and decision["challenger_iou"] == 97.5
     assert int(tracking.champion_version(NAME).version) == int(version)
-    assert tracking.promote_champion("synthetic").challenger_iou == 97.5  # best evaluated version
+    assert promote_champion(cfg)["challenger_iou"] == 97.5  # best evaluated version
 
 
 def test_promote_cli_keeps_a_better_champion_and_forces_a_rollback(logged, capsys):
@@ -152,7 +199,7 @@ def test_promote_cli_keeps_a_better_champion_and_forces_a_rollback(logged, capsy
     tracking.record_score(NAME, weaker, 10.0)
     sets = [arg for o in TINY for arg in ("--set", o)]
     assert main(["promote", "synthetic", "--version", weaker, *sets]) == 0
-    assert "challenger IoU 10.000 vs champion 97.500 -> kept the champion" in capsys.readouterr().out
+    assert "benchmark 10.00 vs 97.50 (-87.50): worse (no field sets) -> kept_champion" in capsys.readouterr().out
     assert str(tracking.champion_version(NAME).version) == champion
     assert main(["promote", "synthetic", "--force", *sets]) == 2  # --force needs --version
     assert "--force needs --version" in capsys.readouterr().err
@@ -171,7 +218,7 @@ def test_search_runs_filters_by_tags(logged):
 def test_predict_loads_the_champion_from_mlflow(logged, tmp_path):
     from wpcrack.deploy.predict import predict
 
-    tracking.set_champion_if_not_worse(NAME, str(logged[1]), 99.0)
+    tracking.client().set_registered_model_alias(NAME, tracking.CHAMPION, str(logged[1]))
     image = tmp_path / "img.png"
     cv2.imwrite(str(image), np.full((50, 60, 3), 90, np.uint8))
     table = predict([image], model="champion", out_dir=tmp_path / "out", dataset="synthetic", params=PARAMS)

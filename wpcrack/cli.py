@@ -170,6 +170,22 @@ def cmd_field(args: argparse.Namespace) -> None:
     score_field(args.params, args.dataset, args.variant, args.model, Path(args.out) if args.out else None)
 
 
+def cmd_intake(args: argparse.Namespace) -> None:
+    from wpcrack.intake import intake
+
+    result = intake(args.batch, args.root, args.dataset, args.quarantine, args.min_side, args.max_side, args.check)
+    report = result["report"]
+    for row in report[~report["ok"] & ~report["already_ingested"]].itertuples() if len(report) else ():
+        print(f"  rejected {row.path}: {row.reason}")
+    version = result["data_version"]
+    print(f"wpcrack intake {args.batch}: {result['good']} good, {result['rejected']} rejected, "
+          f"{result['already_ingested']} already ingested"
+          + (" (checked only: nothing moved)" if args.check else
+             f"; {result['quarantined']} moved to {result['quarantine']}" if result["quarantined"] else "")
+          + (f"; data/incoming/{args.dataset} is now version {version['version']} (+{version['added']}, "
+             f"md5 {version['md5']})" if version else ""))
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from wpcrack.evaluate.report import REAL_DATASETS, check_dataset, write_dataset_report, write_index
 
@@ -225,7 +241,7 @@ def cmd_scale_check(args: argparse.Namespace) -> None:
 
 
 def cmd_promote(args: argparse.Namespace) -> None:
-    from wpcrack.tracking.runs import CHAMPION, client, model_name, promote_champion
+    from wpcrack.tracking.runs import CHAMPION, client, model_name
 
     cfg = _config(args, args.dataset)
     name = model_name(cfg.tracking.model_name_prefix, args.dataset)
@@ -235,10 +251,11 @@ def cmd_promote(args: argparse.Namespace) -> None:
         client().set_registered_model_alias(name, CHAMPION, str(args.version))
         print(f"wpcrack promote: {name}@{CHAMPION} -> version {args.version} (forced)")
         return
-    result = promote_champion(args.dataset, version=args.version, prefix=cfg.tracking.model_name_prefix)
-    before = "none" if result.champion_iou is None else f"{result.champion_iou:.3f}"
-    print(f"wpcrack promote: {name} challenger IoU {result.challenger_iou:.3f} vs champion {before} -> "
-          f"{'promoted' if result.promoted else 'kept the champion'}")
+    from wpcrack.tracking.gate import promote_champion
+
+    decision = promote_champion(cfg, args.version)
+    print(f"wpcrack promote: {name} v{decision['challenger_version']}: " + "; ".join(decision["reasons"])
+          + f" -> {decision['decision']}")
 
 
 def _dataset_arg(p: argparse.ArgumentParser, **kw) -> None:
@@ -385,6 +402,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
     p.set_defaults(func=cmd_field)
 
+    p = sub.add_parser("intake", help="check a batch of tagged photos (crack/ + no_crack/, or a path,label CSV), "
+                                      "quarantine the bad files, version the good ones in data/incoming/<dataset>")
+    _dataset_arg(p)
+    p.add_argument("batch", help="batch folder (crack/, no_crack/) or CSV (path,label)")
+    p.add_argument("--root", default=".", help="the wpcrack repository (default: .)")
+    p.add_argument("--quarantine", help="folder for rejected files (default: data/quarantine/<dataset>/<batch>-<time>)")
+    p.add_argument("--min-side", type=int, default=64, help="smallest photo side, px (default: 64)")
+    p.add_argument("--max-side", type=int, default=10000, help="largest photo side, px (default: 10000)")
+    p.add_argument("--check", action="store_true", help="only validate and list what would be rejected")
+    p.set_defaults(func=cmd_intake)
+
     p = sub.add_parser("report", help="write the results pages from the pipeline's metrics files "
                        "(no argument: every dataset's page and the index)")
     p.add_argument("datasets", nargs="*", help="write docs/results/<dataset>.md (and .json) for these datasets")
@@ -420,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_scale_check)
 
-    p = sub.add_parser("promote", help="point the MLflow alias 'champion' at the best evaluated full model (if not worse)")
+    p = sub.add_parser("promote", help="point the MLflow alias 'champion' at the best evaluated full model if it passes the "
+                       "promotion gate (benchmark and field sets, params.yaml promotion)")
     _dataset_arg(p)
     p.add_argument("--version", help="this registered version instead of the best evaluated full model")
     p.add_argument("--force", action="store_true", help="move the alias to --version even if it scores worse (rollback)")

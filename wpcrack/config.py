@@ -280,6 +280,16 @@ class FieldConfig:
 
 
 @dataclass(frozen=True)
+class PromotionConfig:
+    """The promotion gate (``wpcrack.tracking.gate``): how many IoU points a challenger may lose
+    against the champion on each field set and on the benchmark's test split, and still replace it
+    (it must also gain somewhere)."""
+
+    field_tolerance: float = 1.0
+    benchmark_tolerance: float = 1.0
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     experiment: str = "wpcrack"
     model_name_prefix: str = "wpcrack"
@@ -303,6 +313,7 @@ class Config:
     classical: ClassicalConfig = field(default_factory=ClassicalConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    promotion: PromotionConfig = field(default_factory=PromotionConfig)
     field: FieldConfig = field(default_factory=FieldConfig)  # last: the name hides dataclasses.field below it
     profile: str = "cpu"
     dataset: str | None = None
@@ -529,6 +540,9 @@ def resolve(
     if t.epochs == 0 and not (t.finetune_epochs and t.detector_target == "mask"):
         raise ConfigError("train.epochs: 0 (fine-tuning alone, from ImageNet) needs train.finetune_epochs > 0 and "
                           "train.detector_target: mask; weak labels need the three-phase epochs' classifier")
+    for key in ("field_tolerance", "benchmark_tolerance"):
+        if getattr(cfg.promotion, key) < 0:
+            raise ConfigError(f"promotion.{key}: {getattr(cfg.promotion, key)} must be >= 0 (IoU points a challenger may lose)")
     e = cfg.evaluate
     if e.tile_overlap >= e.tile_size:
         raise ConfigError(f"evaluate.tile_overlap: {e.tile_overlap} must be smaller than evaluate.tile_size "

@@ -103,3 +103,16 @@ def field_photos(data_root: str | Path, name: str) -> list[tuple[Path, Path]]:
     except pa.errors.SchemaErrors as exc:
         raise DataError(folder, _explain(exc, df, folder)) from None
     return [(Path(r.image), Path(r.mask)) for r in df.itertuples()]
+
+
+def field_digest(pairs: list[tuple[Path, Path]]) -> str:
+    """md5 over a field set's file names and bytes: a score recorded for a model is reused only
+    while the set is exactly the one it was measured on."""
+    import hashlib
+
+    digest = hashlib.md5()
+    for image, mask in sorted(pairs):
+        for path in (image, mask):
+            digest.update(path.name.encode())
+            digest.update(hashlib.md5(path.read_bytes()).digest())
+    return digest.hexdigest()

@@ -2,7 +2,8 @@
 
 The benchmark's test split says how a model does on the paper's photos; a field set says how it
 does on the team's own roads, as `wpcrack predict` runs it (the photo at its own size, the scale
-chosen per photo). Every set is checked before any model is loaded, so a bad mask stops the run
+chosen per photo). The figures carry the weights' and each set's digest, so the promotion gate
+(``wpcrack.tracking.gate``) reuses them only for the very model and files they were measured on. Every set is checked before any model is loaded, so a bad mask stops the run
 with its name and never becomes a lower score.
 """
 
@@ -12,7 +13,7 @@ import dataclasses
 from pathlib import Path
 
 from wpcrack.config import load_config
-from wpcrack.data.field import field_photos
+from wpcrack.data.field import field_digest, field_photos
 from wpcrack.errors import DataError
 from wpcrack.evaluate.generalise import score_files
 from wpcrack.io import write_json
@@ -34,13 +35,17 @@ def score_field(params: str | Path, dataset: str, variant: str = "full", model: 
     model = model or str(Path(cfg.paths.models) / dataset / variant)
     out = out or field_path(cfg.paths.results, dataset, variant)
     scores: dict[str, dict] = {}
-    source = model
+    source, weights = model, None
     if sets:
+        from wpcrack.deploy.detection import weights_digest
+
         if not Path(model).exists() and not model.startswith(("models:/", "runs:/", "champion")):
             raise DataError(model, f"no trained model; run `dvc repro train@{dataset}` first")
         detector, model_cfg, source = load_detector(model, dataset, params)
-        scores = {name: score_files(detector, model_cfg, pairs) for name, pairs in sets.items()}
-    figures = {"model": source, "sets": scores}
+        weights = weights_digest(detector)
+        scores = {name: {**score_files(detector, model_cfg, pairs), "digest": field_digest(pairs)}
+                  for name, pairs in sets.items()}
+    figures = {"model": source, "weights_md5": weights, "sets": scores}
     write_json(out, figures)
     if not sets:
         print("wpcrack field: no field sets in params.yaml (field.sets); nothing to score")

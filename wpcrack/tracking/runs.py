@@ -10,7 +10,7 @@ Every run is tagged ``dataset``, ``variant``, ``profile``, ``git_commit``, ``git
 
 Models are registered as ``<tracking.model_name_prefix>-<dataset>``; each version carries the same
 tags plus ``test_iou`` once it has been scored. The serving model is the alias ``champion``
-(aliases, not the deprecated stages), moved only to a version whose test IoU is not worse.
+(aliases, not the deprecated stages), moved by the promotion gate (``wpcrack.tracking.gate``).
 
 MLflow is imported inside the functions: ``wpcrack --help`` must not pay for it.
 """
@@ -23,9 +23,9 @@ import subprocess
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
-from wpcrack.errors import ConfigError, WpcrackError
+from wpcrack.errors import ConfigError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -267,12 +267,6 @@ def log_prepared_dataset(cfg: Config, context: str) -> str | None:
 # --- model registry: champion --------------------------------------------------------------------
 
 
-class Promotion(NamedTuple):
-    promoted: bool
-    champion_iou: float | None  # the champion's test IoU before the decision (None: no champion)
-    challenger_iou: float
-
-
 WEIGHTS_TAG = "weights_md5"  # model version tag: deploy.detection.weights_digest of the registered detector
 
 
@@ -321,52 +315,6 @@ def version_score(name: str, version: int | str, metric: str = "iou") -> float |
 def record_score(name: str, version: int | str, score: float, metric: str = "iou") -> None:
     """Remember a version's test score on the version itself (tag ``test_<metric>``)."""
     client().set_model_version_tag(name, str(version), score_tag(metric), repr(float(score)))
-
-
-def set_champion_if_not_worse(name: str, challenger_version: int | str, challenger_iou: float,
-                              metric: str = "iou") -> Promotion:
-    """Point ``champion`` at the challenger unless the current champion's test score is higher.
-
-    The challenger's score is recorded on its version either way. A champion without a recorded
-    score cannot be compared, so it is kept (tag it ``test_<metric>`` to allow a replacement).
-    """
-    record_score(name, challenger_version, challenger_iou, metric)
-    current = champion_version(name)
-    champion_iou = version_score(name, current.version, metric) if current is not None else None
-    if current is not None and champion_iou is None:
-        return Promotion(False, None, float(challenger_iou))
-    promoted = champion_iou is None or challenger_iou >= champion_iou
-    if promoted:
-        client().set_registered_model_alias(name, CHAMPION, str(challenger_version))
-    return Promotion(promoted, champion_iou, float(challenger_iou))
-
-
-def promote_champion(dataset: str, version: int | str | None = None, run_id: str | None = None,
-                     metric: str = "iou", score: float | None = None, prefix: str = "wpcrack") -> Promotion:
-    """Move ``champion`` of ``<prefix>-<dataset>`` to a version if it is not worse than the champion.
-
-    The version is ``version``, the one registered by run ``run_id``, or else the best-scoring
-    evaluated version of the full variant. Its score is ``score`` or its recorded/evaluated one.
-    """
-    name = model_name(prefix, dataset)
-    c = client()
-    if version is None and run_id is not None:
-        found = c.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-        if not found:
-            raise WpcrackError(f"run {run_id} registered no version of model {name}")
-        version = found[0].version
-    if version is None:
-        scored = [(version_score(name, v.version, metric), v.version)
-                  for v in c.search_model_versions(f"name = '{name}'") if v.tags.get("variant", "full") == "full"]
-        scored = [(s, v) for s, v in scored if s is not None]
-        if not scored:
-            raise WpcrackError(f"model {name} has no evaluated version of the full variant to promote")
-        score, version = max(scored, key=lambda sv: (sv[0], int(sv[1])))
-    if score is None:
-        score = version_score(name, version, metric)
-    if score is None:
-        raise WpcrackError(f"{name} version {version} has no test {metric}: evaluate it first")
-    return set_champion_if_not_worse(name, version, score, metric)
 
 
 # --- queries for reports -------------------------------------------------------------------------
