@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-FLOWS = {"retrain": "pipelines/retrain.py:retrain", "reproduce": "pipelines/reproduce.py:reproduce"}
+FLOWS = {"retrain": "pipelines/retrain.py:retrain", "reproduce": "pipelines/reproduce.py:reproduce",
+         "survey": "pipelines/survey.py:survey"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--batch", help="drop folder (crack/, no_crack/) or CSV scanned on each run")
             p.add_argument("--dataset", default="deepcrack")
             p.add_argument("--variant", default="full")
+        elif name == "survey":  # the Dask cluster: $WPCRACK_DASK_ADDRESS / $WPCRACK_DASK_WORKERS where the runs run
+            p.add_argument("--photos", required=True, help="survey folder (or CSV) scanned on each run: new photos only")
+            p.add_argument("--out", required=True, help="the survey's output folder")
+            p.add_argument("--model", default="champion")
+            p.add_argument("--dataset", default="deepcrack")
         else:
             p.add_argument("--datasets", nargs="+")
             p.add_argument("--variants", nargs="+")
@@ -51,6 +57,10 @@ def deployment(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         params = {"batch": str(Path(args.batch).resolve()) if args.batch else None,
                   "dataset": args.dataset, "variant": args.variant, "root": root}
         default = f"retrain-{args.dataset}"
+    elif args.flow == "survey":
+        params = {"photos": str(Path(args.photos).resolve()), "out": str(Path(args.out).resolve()),
+                  "model": args.model, "dataset": args.dataset, "params": str(Path(root) / "params.yaml")}
+        default = f"survey-{Path(args.photos).name}"
     else:
         params = {"datasets": args.datasets, "variants": args.variants, "root": root}
         default = "reproduce-" + "-".join(args.datasets or ["all"])
@@ -62,6 +72,10 @@ def _flow(name: str):
         from pipelines.retrain import retrain
 
         return retrain
+    if name == "survey":
+        from pipelines.survey import survey
+
+        return survey
     from pipelines.reproduce import reproduce
 
     return reproduce
@@ -80,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     schedule = CronSchedule(cron=args.cron, timezone=args.timezone)
     flow = _flow(args.flow)
     if args.work_pool:
-        source = flow.from_source(source=params["root"], entrypoint=FLOWS[args.flow])
+        source = flow.from_source(source=str(Path(args.root).resolve()), entrypoint=FLOWS[args.flow])
         source.deploy(name=name, work_pool_name=args.work_pool, parameters=params, schedules=[schedule],
                       tags=["wpcrack", args.flow])
         print(f"deployment {flow.name}/{name} registered with work pool {args.work_pool}; "

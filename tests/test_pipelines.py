@@ -492,6 +492,12 @@ def test_deploy_registers_a_scheduled_deployment_with_a_work_pool(prefect_server
         deployment = client.read_deployment_by_name("wpcrack-retrain/retrain-deepcrack")
     assert deployment.work_pool_name == "gpu" and deployment.schedules[0].schedule.cron == "0 3 * * 1"
     assert deployment.parameters["batch"] == str(tmp_path / "inbox") and deployment.parameters["dataset"] == "deepcrack"
+    args = ["survey", "--cron", "0 22 * * *", "--photos", str(tmp_path / "season"), "--out", str(tmp_path / "out"),
+            "--root", str(REPO), "--work-pool", "gpu"]
+    assert prefect_server["deploy"].main(args) == 0
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("wpcrack-survey/survey-season")
+    assert deployment.entrypoint == "pipelines/survey.py:survey" and deployment.parameters["out"] == str(tmp_path / "out")
 
 
 def test_prefect_yaml_entrypoints_are_the_flows(prefect_server):
@@ -500,7 +506,8 @@ def test_prefect_yaml_entrypoints_are_the_flows(prefect_server):
 
     config = PrefectYamlModel.model_validate(yaml.safe_load((REPO / "prefect.yaml").read_text()))
     names = {d.name: load_flow_from_entrypoint(str(REPO / d.entrypoint)).name for d in config.deployments}
-    assert names == {"retrain-deepcrack": "wpcrack-retrain", "reproduce-all": "wpcrack-reproduce"}
+    assert names == {"retrain-deepcrack": "wpcrack-retrain", "reproduce-all": "wpcrack-reproduce",
+                     "survey-inbox": "wpcrack-survey"}
 
 
 # --- the retrain flow for real --------------------------------------------------------------------

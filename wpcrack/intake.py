@@ -36,12 +36,10 @@ import yaml
 
 from wpcrack.dvc import run_dvc
 from wpcrack.errors import DataError, WpcrackError
-from wpcrack.io import IMAGE_SUFFIXES, atomic_path
+from wpcrack.io import IMAGE_SUFFIXES, atomic_path, image_format, is_complete
 
 LABELS = {"crack": 1, "no_crack": 0, "1": 1, "0": 0}
 SUFFIX_FORMAT = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".bmp": "bmp", ".tif": "tiff", ".tiff": "tiff"}
-SIGNATURES = {"png": (b"\x89PNG\r\n\x1a\n",), "jpeg": (b"\xff\xd8\xff",), "bmp": (b"BM",),
-              "tiff": (b"II*\x00", b"MM\x00*")}
 SAFE_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 MODES = ("RGB", "L")
 INCOMING_COLUMNS = ("image", "mask", "label", "split", "dataset", "source_id", "height", "width",
@@ -59,19 +57,6 @@ class BatchRejected(WpcrackError):
 def _inside(path: Path, root: Path) -> bool:
     """``path`` (not following links) lies under ``root`` (no ``..`` escape)."""
     return os.path.normpath(os.path.abspath(path)).startswith(os.path.abspath(root) + os.sep)
-
-
-def _sniff(head: bytes) -> str | None:
-    return next((fmt for fmt, sigs in SIGNATURES.items() if head.startswith(sigs)), None)
-
-
-def _complete(data: bytes, fmt: str | None) -> bool:
-    """JPEG ends with its EOI marker, PNG with its IEND chunk (interrupted uploads do not)."""
-    if fmt == "jpeg":
-        return data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
-    if fmt == "png":
-        return b"IEND" in data[-16:]
-    return True
 
 
 def _mode(img: np.ndarray) -> str:
@@ -97,8 +82,8 @@ def probe(path: Path, root: Path, label: object) -> dict:
         return row  # the content checks do not apply (nulls are not checked)
     data = path.read_bytes()
     img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED) if data else None
-    row.update(sha256=hashlib.sha256(data).hexdigest(), format=_sniff(data[:16]), decodes=img is not None)
-    row["complete"] = _complete(data, row["format"])
+    row.update(sha256=hashlib.sha256(data).hexdigest(), format=image_format(data[:16]), decodes=img is not None)
+    row["complete"] = is_complete(data, row["format"])
     if img is not None:
         row.update(height=img.shape[0], width=img.shape[1], mode=_mode(img))
     return row

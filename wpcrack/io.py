@@ -16,6 +16,23 @@ import numpy as np
 from wpcrack.errors import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+SIGNATURES = {"png": (b"\x89PNG\r\n\x1a\n",), "jpeg": (b"\xff\xd8\xff",), "bmp": (b"BM",),
+              "tiff": (b"II*\x00", b"MM\x00*")}
+
+
+def image_format(head: bytes) -> str | None:
+    """The image format the first bytes of a file announce (png, jpeg, bmp, tiff), or None."""
+    return next((fmt for fmt, sigs in SIGNATURES.items() if head.startswith(sigs)), None)
+
+
+def is_complete(data: bytes, fmt: str | None) -> bool:
+    """JPEG ends with its EOI marker, PNG with its IEND chunk (interrupted uploads and copies do not;
+    OpenCV decodes such files anyway, grey where the bytes are missing)."""
+    if fmt == "jpeg":
+        return data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
+    if fmt == "png":
+        return b"IEND" in data[-16:]
+    return True
 
 
 def _decode(path: Path, flags: int) -> np.ndarray:

@@ -183,11 +183,14 @@ class Prediction(NamedTuple):
 
 
 def probability_map(detector: torch.nn.Module, rgb: np.ndarray, cfg: Config, gate: float = DEFAULT_GATE,
-                    scales: Sequence[float] | None = None, mm_per_pixel: float | None = None) -> Prediction:
+                    scales: Sequence[float] | None = None, mm_per_pixel: float | None = None,
+                    chooser: torch.nn.Module | None = None) -> Prediction:
     """Crack probabilities of one RGB image of any size: the mean over ``scales`` of the prediction
     of the image resized by each, resized back. Without ``scales`` the scale is the photo's
     ``mm_per_pixel`` over the training data's, where both are known, else chosen for this image
-    (``choose_scale``; the gate and flips do not take part in the choice).
+    (``choose_scale`` on the evidence of ``chooser``, default the detector itself: the survey flow
+    lets the torch model's classifier choose and ONNX Runtime detect; the gate and flips do not take
+    part in the choice).
 
     With ``evaluate.flip`` the gate sees each tile's four flips; the counts are per tile (skipped:
     the mean over the flips)."""
@@ -198,7 +201,7 @@ def probability_map(detector: torch.nn.Module, rgb: np.ndarray, cfg: Config, gat
     if scales is None and mm_per_pixel and trained_mm:
         choice = ScaleChoice(check_scales([mm_per_pixel / trained_mm]), "mm_per_pixel")  # finer pixels: shrink
     elif scales is None:
-        choice = choose_scale(rgb, cfg, *scale_measure(detector, cfg))
+        choice = choose_scale(rgb, cfg, *scale_measure(chooser or detector, cfg))
     else:
         choice = ScaleChoice(scales, "given")
     gated = GatedDetector(detector, check_gate(gate))

@@ -1,0 +1,197 @@
+"""Survey flow: a season of road photos through the champion on a Dask cluster, resumable.
+
+The photos of a folder (recursive) or a CSV manifest (column ``path``) are split into shards, one
+Prefect task each, run by prefect-dask's ``DaskTaskRunner``: a ``LocalCluster`` sized to this
+machine by default (``--workers``), or the Dask cluster a team already runs (``--dask-address``;
+its workers need this package and the photos and output folder at the same paths). Each worker
+loads the model once; detection runs through ONNX Runtime (exported once per model version into
+``<out>/.model/``), torch otherwise, and the scale is chosen per photo as ``wpcrack predict``
+chooses it. What a worker does with a photo is ``wpcrack.deploy.survey.process_photo``.
+
+Restarting the same command after a kill finishes the rest: a photo whose row exists for the same
+model version and settings is not predicted again. Outputs in ``--out``: ``masks/``, ``overlays/``,
+``rows/`` (one JSON per photo), ``survey.parquet`` (pandera-checked), ``survey.geojson``,
+``summary.md`` + ``summary.png``, and an MLflow run ``survey`` with the counts and throughput.
+
+    python -m pipelines.survey run /surveys/2026 --out /surveys/2026-cracks --workers 2
+    python -m pipelines.survey run photos.csv --out out --dask-address tcp://scheduler:8786
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from wpcrack.errors import WpcrackError
+
+_MODELS: dict[tuple, Any] = {}  # per worker process: the loaded model of each spec
+
+
+def worker_model(spec: dict[str, Any]):
+    """The model of ``spec``, loaded once per worker process."""
+    from wpcrack.deploy.survey import load_survey_model
+
+    key = tuple(sorted((k, str(v)) for k, v in spec.items()))
+    if key not in _MODELS:
+        _MODELS[key] = load_survey_model(spec["model"], spec["dataset"], spec["params"], spec["onnx"], spec["threads"])
+    return _MODELS[key]
+
+
+@task(name="predict-shard", cache_policy=NO_CACHE, task_run_name="predict {paths[0]} (+{extra})")
+def predict_shard(paths: list[str], spec: dict[str, Any], out: str, mm_per_pixel: float | None,
+                  max_pixels: int, extra: int = 0) -> list[dict[str, Any]]:
+    """One shard of photos on one worker: their rows (and, on disk, their outputs)."""
+    import resource
+
+    from wpcrack.deploy.survey import process_photo
+
+    model = worker_model(spec)
+    rows = [process_photo(Path(p), model, Path(out), mm_per_pixel, max_pixels, spec["settings"]) for p in paths]
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return [{**r, "worker_peak_mb": peak_mb, "worker_pid": os.getpid()} for r in rows]
+
+
+def prepare_model(model: str, dataset: str, params: str | None, out: Path, onnx: bool,
+                  mm_per_pixel: float | None, threads: int | None) -> dict[str, Any]:
+    """Load the model here once to export it (when ``onnx``) and name its version and settings: the
+    spec every worker loads from."""
+    from wpcrack.deploy.detection import weights_digest
+    from wpcrack.deploy.predict import load_detector
+    from wpcrack.deploy.survey import ensure_onnx, model_version, settings_digest
+
+    detector, cfg, source = load_detector(model, dataset, params)
+    digest = weights_digest(detector)
+    path = ensure_onnx(detector, cfg, out / ".model", digest) if onnx else None
+    return {"model": model, "dataset": dataset, "params": params, "onnx": str(path) if path else None,
+            "threads": threads, "version": model_version(model, source, digest),
+            "settings": settings_digest(cfg, mm_per_pixel), "engine": "onnxruntime" if path else "torch"}
+
+
+def shards(paths: list[Path], size: int) -> list[list[str]]:
+    return [[str(p) for p in paths[i:i + size]] for i in range(0, len(paths), size)]
+
+
+ADDRESS_ENV, WORKERS_ENV = "WPCRACK_DASK_ADDRESS", "WPCRACK_DASK_WORKERS"
+
+
+def task_runner(workers: int | None = None, address: str | None = None):
+    """prefect-dask's runner: the cluster at ``address``, or a LocalCluster of ``workers`` processes
+    (default: one per core) with one Dask thread each (torch / ONNX Runtime threads are set inside).
+    Without arguments (a deployment's runs): ``$WPCRACK_DASK_ADDRESS`` / ``$WPCRACK_DASK_WORKERS``."""
+    from prefect_dask import DaskTaskRunner
+
+    address = address or os.environ.get(ADDRESS_ENV) or None
+    if address:
+        return DaskTaskRunner(address=address)
+    workers = workers or int(os.environ.get(WORKERS_ENV) or 0) or os.cpu_count() or 1
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
+        "n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None})
+
+
+@flow(name="wpcrack-survey", log_prints=True, task_runner=task_runner())
+def survey(photos: str, out: str, model: str = "champion", dataset: str = "deepcrack",
+           params: str | None = "params.yaml", mm_per_pixel: float | None = None, onnx: bool = True,
+           shard_size: int = 8, max_megapixels: float = 50.0, threads: int | None = None,
+           workers: int | None = None, track: bool = True) -> dict[str, Any]:
+    """Predict every photo of ``photos`` not done yet into ``out``; write the table, map and summary."""
+    from prefect.futures import as_completed
+    from tqdm import tqdm
+
+    from wpcrack.deploy.survey import done_row, list_photos, table, write_outputs
+
+    out_path = Path(out).resolve()
+    out_path.mkdir(parents=True, exist_ok=True)
+    listed = list_photos(photos)
+    params = str(Path(params).resolve()) if params and Path(params).is_file() else None
+    spec = prepare_model(model, dataset, params, out_path, onnx, mm_per_pixel, threads)
+    rows = {str(p): done_row(out_path, p, spec["version"], spec["settings"]) for p in listed}
+    todo = [p for p in listed if rows[str(p)] is None]
+    print(f"survey: {len(listed)} photos, {len(listed) - len(todo)} done by an earlier run, {len(todo)} to predict "
+          f"with {spec['version']} ({spec['engine']})")
+    start, peaks = time.perf_counter(), {}
+    futures = [predict_shard.submit(shard, spec, str(out_path), mm_per_pixel, int(max_megapixels * 1e6), len(shard) - 1)
+               for shard in shards(todo, shard_size)]
+    with tqdm(total=len(todo), desc="survey", unit="photo", disable=not todo) as bar:
+        for future in as_completed(futures):
+            for row in future.result():
+                peaks[row.pop("worker_pid")] = row.pop("worker_peak_mb")
+                rows[row["path"]] = row
+                bar.update(1)
+    seconds = time.perf_counter() - start
+    processed = sum(1 for r in rows.values() if not r.get("skipped", True))
+    frame = table([{k: v for k, v in r.items() if k != "skipped"} for r in rows.values()])
+    meta = {"model_version": spec["version"], "engine": spec["engine"], "workers": workers or len(peaks) or 1,
+            "seconds": seconds, "processed": processed, "skipped": len(listed) - len(todo),
+            "photos_per_s": processed / seconds if seconds > 0 and processed else 0.0}
+    counts = write_outputs(frame, out_path, meta)
+    result = {**counts, **meta, "peak_worker_mb": max(peaks.values(), default=0.0), "out": str(out_path)}
+    if track and params:
+        _track(result, params, dataset)
+    print(f"survey: {counts['predicted']} predicted, {counts['errors']} errors, {processed} new in {seconds:.0f} s "
+          f"({meta['photos_per_s']:.2f} photos/s) -> {out_path / 'summary.md'}")
+    return result
+
+
+def _track(result: dict[str, Any], params: str, dataset: str) -> None:
+    from wpcrack.config import load_config
+    from wpcrack.tracking.runs import start_run
+
+    cfg = load_config(params, dataset=dataset)
+    with start_run(cfg, stage="survey", tags={"model_version": result["model_version"], "engine": result["engine"]}) as run:
+        run.log_params({"survey": {"out": result["out"], "workers": result["workers"]}})
+        run.log_metrics({k: float(result[k]) for k in ("photos", "predicted", "errors", "with_gps", "with_cracks",
+                                                       "processed", "skipped", "seconds", "photos_per_s",
+                                                       "peak_worker_mb")})
+        for name in ("summary.md", "summary.png"):
+            run.log_artifact(Path(result["out"]) / name, artifact_path="survey")
+
+
+def run(photos: str, out: str, workers: int | None = None, address: str | None = None, **kwargs) -> dict[str, Any]:
+    """``survey`` on the runner these arguments ask for (torch threads per worker: the cores shared out)."""
+    threads = kwargs.pop("threads", None) or (None if address else max(1, (os.cpu_count() or 1) // (workers or os.cpu_count() or 1)))
+    runner = task_runner(workers, address)
+    return survey.with_options(task_runner=runner)(photos, out, threads=threads, workers=workers, **kwargs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # the workers' start and stop chatter
+    parser = argparse.ArgumentParser(prog="python -m pipelines.survey", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="predict a survey's photos on a Dask cluster (resumable)")
+    p.add_argument("photos", help="folder of photos (searched recursively) or a CSV with a path column")
+    p.add_argument("--out", required=True, help="output folder (a re-run with the same command resumes)")
+    p.add_argument("--model", default="champion", help="'champion' of --dataset, models:/..., or a model folder")
+    p.add_argument("--dataset", default="deepcrack", help="whose champion (default: deepcrack)")
+    p.add_argument("--params", default="params.yaml", help="inference settings (default: params.yaml)")
+    p.add_argument("--mm-per-pixel", type=float, help="ground size of a pixel: widths and lengths in mm too")
+    p.add_argument("--workers", type=int, help="LocalCluster worker processes (default: one per core)")
+    p.add_argument("--dask-address", help="an existing Dask scheduler, e.g. tcp://scheduler:8786")
+    p.add_argument("--threads", type=int, help="torch / ONNX Runtime threads per worker (default: cores / workers)")
+    p.add_argument("--shard-size", type=int, default=8, help="photos per Prefect task (default: 8)")
+    p.add_argument("--max-megapixels", type=float, default=50.0, help="larger photos are refused (default: 50)")
+    p.add_argument("--torch", action="store_true", help="detect with torch instead of the ONNX export")
+    args = parser.parse_args(argv)
+    for name in ("workers", "threads", "shard_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            print(f"survey: error: --{name.replace('_', '-')} must be at least 1, got {value}", file=sys.stderr)
+            return 2
+    try:
+        print(run(args.photos, args.out, args.workers, args.dask_address, model=args.model, dataset=args.dataset,
+                  params=args.params, mm_per_pixel=args.mm_per_pixel, onnx=not args.torch, shard_size=args.shard_size,
+                  max_megapixels=args.max_megapixels, threads=args.threads))
+    except WpcrackError as exc:
+        print(f"survey: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
