@@ -154,7 +154,11 @@ def _track(result: dict[str, Any], params: str, dataset: str) -> None:
 
 
 def run(photos: str, out: str, workers: int | None = None, address: str | None = None, **kwargs) -> dict[str, Any]:
-    """``survey`` on the runner these arguments ask for (torch threads per worker: the cores shared out)."""
+    """``survey`` on the runner these arguments ask for (torch threads per worker: the cores shared out).
+    A missing or empty survey is an error before any cluster or Prefect run starts."""
+    from wpcrack.deploy.survey import list_photos
+
+    list_photos(photos)
     threads = kwargs.pop("threads", None) or (None if address else max(1, (os.cpu_count() or 1) // (workers or os.cpu_count() or 1)))
     runner = task_runner(workers, address)
     return survey.with_options(task_runner=runner)(photos, out, threads=threads, workers=workers, **kwargs)

@@ -265,7 +265,7 @@ def test_metrics_of_other_weights_never_promote(project, fake_stages, prefect_se
 def test_the_gate_weighs_the_teams_field_set_against_the_benchmark(project, fake_stages, prefect_server, tmp_path):
     """A challenger that gains on the team's roads may lose a little on the benchmark (promotion
     tolerances); one that loses on the roads is kept out however well it does on the benchmark."""
-    from tests.test_field import _set
+    from test_field import _set
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["field"]["sets"] = ["town"]

@@ -48,7 +48,8 @@ def test_ladder_goes_by_octaves_from_the_largest_scale_to_half_a_training_row():
     big = ladder((3024, 4284), cfg)  # 4096 px at most: 1/2 is the largest power of 2 below 4096 / 4284
     assert big[0] == 0.5 and 4284 * big[-1] >= 128 > 4284 * big[-1] / 2
     assert ladder((3072, 4352), cfg)[1:] == [s / 8 for s in ladder((384, 544), cfg)]  # 8x: the same views
-    assert ladder((100, 100), _cfg()) == [1.0]  # already smaller than half a row
+    assert ladder((100, 100), _cfg("predict.max_scale=1.0")) == [1.0]  # already smaller than half a row
+    assert ladder((100, 100), _cfg("predict.max_scale=2.0")) == [2.0, 1.0]  # enlarged at most, never only
 
 
 def test_sampled_tiles_are_spread_and_capped():
@@ -129,3 +130,101 @@ def test_a_recorded_training_pixel_size_and_the_photos_set_the_scale():
     assert (choice.scales, choice.source) == ((0.25,), "mm_per_pixel")  # pixels 4x finer than training: shrink 4x
     deepcrack = _cfg("evaluate.tile_size=128")  # DeepCrack publishes no pixel size: searched
     assert probability_map(ThinDarkLines(), rgb, deepcrack, mm_per_pixel=0.5).choice.source == "auto"
+
+
+# --- width matching ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("width", [3, 6, 12, 24])
+def test_ridge_width_reads_a_dark_bars_width_from_the_grey_levels(width):
+    from wpcrack.deploy.measure import skeletonize
+    from wpcrack.deploy.scale import ridge_width
+
+    gray = np.full((160, 200), 140, np.uint8)
+    gray[:, 80:80 + width] = 20
+    bar = np.zeros_like(gray)
+    bar[:, 80:80 + width] = 1
+    assert ridge_width(gray, skeletonize(bar > 0)) == pytest.approx(width, rel=0.2)  # a third of an octave apart
+    diagonal = np.full((160, 200), 140, np.uint8)
+    cv2.line(diagonal, (10, 40), (190, 120), 20, 2 * width)  # OpenCV's thick diagonal lines come out a little wider
+    line = cv2.line(np.zeros_like(diagonal), (10, 40), (190, 120), 1, 2 * width) > 0
+    assert ridge_width(diagonal, skeletonize(line)) == pytest.approx(2 * width, rel=0.3)
+    assert ridge_width(gray, np.zeros_like(bar, bool)) is None
+
+
+def test_a_large_photos_crack_width_is_measured_shrunk_and_given_in_its_own_pixels():
+    from wpcrack.deploy.scale import WIDTH_MEASURE_SIDE, photo_crack_width
+
+    rgb = _road(1500, 2400, 24)  # shrunk to 1024 px: 10 px cracks, read back as 24
+    prob = (rgb[..., 0] < 65).astype(np.float32)
+    assert max(rgb.shape) > WIDTH_MEASURE_SIDE
+    assert photo_crack_width(rgb, prob, 0.5) == pytest.approx(24, rel=0.2)
+    assert photo_crack_width(rgb, np.zeros((10, 10), np.float32), 0.5) is None
+
+
+def test_match_width_takes_the_geometric_mean_within_the_ladder():
+    from wpcrack.deploy.scale import ScaleChoice, match_width
+
+    evidence_says = ScaleChoice((0.25,), "auto", {0.25: 0.99}, False, "classifier")
+    moved = match_width(evidence_says, photo_width=12.0, trained_width=6.0, weight=0.5, bounds=(0.1, 2.0))
+    assert moved.scale == pytest.approx((0.25 * 0.5) ** 0.5) and moved.crack_width == 12.0
+    assert moved.evidence_scale == 0.25 and moved.source == "auto"
+    assert match_width(evidence_says, 12.0, 6.0, 1.0, (0.1, 2.0)).scale == pytest.approx(0.5)
+    assert match_width(evidence_says, 0.5, 6.0, 1.0, (0.1, 2.0)).scale == 2.0  # clipped to the ladder
+    assert match_width(evidence_says, None, 6.0, 0.5, (0.1, 2.0)) is evidence_says
+
+
+def test_a_calibrated_model_sees_a_wide_crack_at_its_trained_width():
+    cfg = _cfg("evaluate.tile_size=128", "evaluate.tile_overlap=16", "predict.min_side_rows=0.2",
+               "predict.width_weight=1.0")
+    model = DarkLineClassifier()
+    rgb = _road(360, 480, 12)
+    uncalibrated = probability_map(model, rgb, cfg).choice
+    model.training_crack_width = 3.0
+    choice = probability_map(model, rgb, cfg).choice
+    assert choice.crack_width == pytest.approx(12, rel=0.2) and choice.evidence_scale == uncalibrated.scale
+    assert choice.scale == pytest.approx(3.0 / choice.crack_width)
+
+
+def test_calibrate_measures_the_models_own_finds_on_its_crack_rows(tmp_path, monkeypatch):
+    import json
+
+    import pandas as pd
+
+    from wpcrack.deploy import calibrate as calibration
+    from wpcrack.deploy import detection
+    from wpcrack.io import write_image
+
+    root = tmp_path / "data" / "prepared" / "deepcrack"
+    rows = []
+    for i, (width, label) in enumerate([(3, 1), (3, 1), (4, 1), (0, 0)]):
+        rgb = np.full((128, 128, 3), 130, np.uint8)
+        rgb[:, 40:40 + width] = 15  # a straight crack of this width (none on the crack-free row)
+        write_image(root / "images" / f"r{i}.png", rgb)
+        write_image(root / "masks" / f"r{i}.png", np.full((128, 128), 255 * label, np.uint8))  # wrong on purpose:
+        rows.append({"image": f"images/r{i}.png", "mask": f"masks/r{i}.png", "label": label, "split": "train",
+                     "dataset": "deepcrack", "source_id": f"r{i}", "height": 128, "width": 128})
+    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+    model_dir = tmp_path / "models" / "deepcrack" / "full"
+    model_dir.mkdir(parents=True)
+    (model_dir / "best.pt").write_bytes(b"stand-in")
+    cfg = _cfg("evaluate.tile_size=128", "evaluate.tile_overlap=16", f"paths.data={tmp_path / 'data'}")
+    monkeypatch.setattr(detection, "load_model_dir", lambda folder: (ThinDarkLines(), cfg))
+    result = calibration.calibrate(cfg, model_dir)
+    assert result["by_source"]["deepcrack"]["rows"] == 3  # the crack rows only, and no mask read (all-crack masks)
+    assert result["crack_width_px"] == pytest.approx(3, rel=0.3)
+    assert json.loads((model_dir / "scale.json").read_text())["weights_md5"] == detection.weights_digest(ThinDarkLines())
+    assert calibration.weighted_median([1.0, 2.0, 9.0], [1.0, 1.0, 2.0]) == 2.0  # half the weight on each side
+    assert calibration.weighted_median([1.0, 2.0, 9.0], [1.0, 1.0, 2.1]) == 9.0
+
+
+def test_a_scale_file_of_other_weights_is_ignored(tmp_path):
+    import json
+
+    from wpcrack.deploy.detection import attach_crack_width, training_crack_width, weights_digest
+
+    model = nn.Linear(2, 2)
+    (tmp_path / "scale.json").write_text(json.dumps({"crack_width_px": 5.0, "weights_md5": "other"}))
+    assert training_crack_width(attach_crack_width(model, tmp_path)) is None
+    (tmp_path / "scale.json").write_text(json.dumps({"crack_width_px": 5.0, "weights_md5": weights_digest(model)}))
+    assert training_crack_width(attach_crack_width(model, tmp_path)) == 5.0

@@ -141,7 +141,7 @@ def test_the_gate_weighs_field_sets_measured_once_per_version(logged, cfg, tmp_p
     import dataclasses
     import json
 
-    from tests.test_field import _set
+    from test_field import _set
     from wpcrack.data.field import field_digest, field_photos
     from wpcrack.evaluate import generalise
     from wpcrack.tracking import gate
@@ -262,3 +262,15 @@ def test_runs_log_the_prepared_manifest_with_its_dvc_hash(store, tmp_path):
         assert logged_input.dataset.name == "synthetic-prepared" and logged_input.dataset.digest == md5
         assert {t.key: t.value for t in logged_input.tags}["mlflow.data.context"] == context
     assert not runs["compare@synthetic"].inputs.dataset_inputs  # tables read metrics, not data
+
+
+def test_a_calibrated_width_reaches_the_registered_model(logged, cfg):
+    from wpcrack.deploy.calibrate import tag_registered
+    from wpcrack.deploy.detection import training_crack_width, weights_digest
+    from wpcrack.deploy.predict import load_registered
+
+    _, version, slim = logged
+    assert tag_registered(cfg, {"crack_width_px": 4.5, "weights_md5": "not these weights"}) == []
+    assert str(version) in tag_registered(cfg, {"crack_width_px": 4.5, "weights_md5": weights_digest(slim)})
+    detector, _ = load_registered(f"models:/{NAME}/{version}")
+    assert training_crack_width(detector) == 4.5

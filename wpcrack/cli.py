@@ -164,6 +164,17 @@ def cmd_generalise(args: argparse.Namespace) -> None:
         table(args.params, Path(args.out))
 
 
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from wpcrack.deploy.calibrate import calibrate
+
+    cfg = _config(args, args.dataset, args.variant)
+    model_dir, _ = _run_dirs(cfg, args.dataset, args.variant)
+    result = calibrate(cfg, model_dir, args.rows)
+    print(f"wpcrack calibrate {args.dataset}: crack width {result['crack_width_px']:.2f} px of the training rows ("
+          + ", ".join(f"{s} {v['median_px']:.2f} on {v['rows']}" for s, v in result["by_source"].items())
+          + f"; {result['seconds']:.0f} s) -> {model_dir / 'scale.json'}")
+
+
 def cmd_field(args: argparse.Namespace) -> None:
     from wpcrack.evaluate.field import score_field
 
@@ -391,6 +402,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="score only the first N photos of each split (a quick look)")
     p.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
     p.set_defaults(func=cmd_generalise)
+
+    p = sub.add_parser("calibrate", help="measure the crack width the model learned at (its detector on its crack "
+                                         "training rows, scale-space ridges) -> models/<run>/scale.json, for predict's "
+                                         "scale choice")
+    _dataset_arg(p)
+    p.add_argument("--variant", default="full", help="variant from params.yaml (default: full)")
+    p.add_argument("--rows", type=int, default=120, help="crack training rows per source (default: 120)")
+    _common(p)
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("field", help="score a model on every field check set (field.sets: data/field/<name>/) "
                                      "through predict's default path")

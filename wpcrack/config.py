@@ -242,7 +242,7 @@ class PredictConfig:
     user gives none (``wpcrack.deploy.scale``); read from params.yaml at prediction time, so they are
     tuned without retraining."""
 
-    max_scale: float = 1.0       # the most a photo is enlarged (2: thumbnails of finer cracks than the training's) ...
+    max_scale: float = 1.0       # the most a photo is enlarged (2: photos of finer cracks than the training rows') ...
     max_side: int = 4096         # ... and never beyond this long side, px (cost, and blur that fools the classifier)
     min_side_rows: float = 0.5   # the least: its long side down to this many training rows
     scale_step: float = 2.0      # ladder step (one octave); the best octave is refined by half a step
@@ -250,6 +250,8 @@ class PredictConfig:
     evidence: Literal["classifier", "mass", "length"] = "classifier"  # what a candidate scale is scored by
     evidence_share: float = 0.9  # the finest scale whose evidence reaches this share of the best wins
     min_crack_probability: float = 0.5  # classifier evidence below this at every scale (no crack seen): scale 1
+    width_weight: float = 0.5    # 0..1: how far the evidence's scale moves towards the one at which the photo's
+                                 # cracks are as wide as the training rows' (a model with scale.json; 0: off)
 
 
 @dataclass(frozen=True)
@@ -543,6 +545,8 @@ def resolve(
     for key in ("field_tolerance", "benchmark_tolerance"):
         if getattr(cfg.promotion, key) < 0:
             raise ConfigError(f"promotion.{key}: {getattr(cfg.promotion, key)} must be >= 0 (IoU points a challenger may lose)")
+    if not 0.0 <= cfg.predict.width_weight <= 1.0:
+        raise ConfigError(f"predict.width_weight: {cfg.predict.width_weight} must be between 0 and 1")
     e = cfg.evaluate
     if e.tile_overlap >= e.tile_size:
         raise ConfigError(f"evaluate.tile_overlap: {e.tile_overlap} must be smaller than evaluate.tile_size "

@@ -15,7 +15,15 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import torch
 
-from wpcrack.deploy.scale import ScaleChoice, choose_scale, evidence, training_mm_per_pixel
+from wpcrack.deploy.scale import (
+    ScaleChoice,
+    choose_scale,
+    evidence,
+    ladder,
+    match_width,
+    photo_crack_width,
+    training_mm_per_pixel,
+)
 from wpcrack.errors import DataError
 from wpcrack.geometry import resize_image, resize_map, scaled_size
 
@@ -55,6 +63,28 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+CRACK_WIDTH_ATTR = "training_crack_width"  # px: the crack width of the model's training rows (scale.json)
+SCALE_FILE = "scale.json"                   # beside best.pt: written by `wpcrack calibrate`
+
+
+def training_crack_width(detector: torch.nn.Module) -> float | None:
+    """The crack width the model learned at, px of its training rows, where it was recorded."""
+    return getattr(detector, CRACK_WIDTH_ATTR, None)
+
+
+def attach_crack_width(detector: torch.nn.Module, folder: Path) -> torch.nn.Module:
+    """Give ``detector`` the training crack width of ``folder``'s ``scale.json`` when that file was
+    measured on these very weights (a retrained model needs `wpcrack calibrate` again)."""
+    path = folder / SCALE_FILE
+    if path.is_file():
+        import json
+
+        recorded = json.loads(path.read_text())
+        if recorded.get("weights_md5") == weights_digest(detector):
+            setattr(detector, CRACK_WIDTH_ATTR, float(recorded["crack_width_px"]))
+    return detector
+
+
 def load_model_dir(path: str | Path) -> tuple[torch.nn.Module, Config]:
     """(SlimDetector, resolved config) of a trained model folder, of the ``best.pt`` in one, or of an
     ONNX file written by ``wpcrack export --onnx`` (run by ONNX Runtime)."""
@@ -69,7 +99,7 @@ def load_model_dir(path: str | Path) -> tuple[torch.nn.Module, Config]:
     if not folder.is_dir():
         raise DataError(path, "model folder not found")
     cfg = load_resolved_config(folder / "config.yaml")
-    return load_trained(folder, inference_copy(cfg), device()).slim(), cfg
+    return attach_crack_width(load_trained(folder, inference_copy(cfg), device()).slim(), folder), cfg
 
 
 def weights_digest(detector: torch.nn.Module) -> str:
@@ -205,15 +235,25 @@ def probability_map(detector: torch.nn.Module, rgb: np.ndarray, cfg: Config, gat
     else:
         choice = ScaleChoice(scales, "given")
     gated = GatedDetector(detector, check_gate(gate))
+    made: dict[float, np.ndarray] = {}
+    trained_width = training_crack_width(chooser or detector)
+    if choice.source == "auto" and trained_width and cfg.predict.width_weight > 0:
+        made[choice.scale] = predict_image(gated, resize_image(rgb, scaled_size(rgb.shape, choice.scale)), cfg)
+        found = photo_crack_width(rgb, made[choice.scale], cfg.evaluate.threshold)
+        candidates = ladder(rgb.shape, cfg)
+        choice = match_width(choice, found, trained_width, cfg.predict.width_weight, (candidates[-1], candidates[0]))
     total = np.zeros(rgb.shape[:2], dtype=np.float32)
     for scale in choice.scales:
-        prob = predict_image(gated, resize_image(rgb, scaled_size(rgb.shape, scale)), cfg)
+        prob = made.get(scale)
+        if prob is None:
+            prob = predict_image(gated, resize_image(rgb, scaled_size(rgb.shape, scale)), cfg)
         total += resize_map(prob, rgb.shape[:2])
     views = len(FLIPS) if cfg.evaluate.flip else 1
     return Prediction(total / len(choice.scales), gated.tiles // views, round(gated.skipped / views), choice)
 
 
 ONNX_CONFIG_KEY = "wpcrack_config"  # ONNX metadata: the resolved configuration (YAML)
+ONNX_WIDTH_KEY = "wpcrack_crack_width"  # ONNX metadata: the training crack width, px (scale.json)
 # The export traces the backbone's size arithmetic for sides that are multiples of its output stride;
 # other sizes are padded (replicate) to the next multiple and the output cropped back.
 ONNX_SIZE_MULTIPLE = 8
@@ -253,4 +293,8 @@ def load_onnx(path: str | Path, threads: int | None = None) -> tuple[OnnxDetecto
     text = session.get_modelmeta().custom_metadata_map.get(ONNX_CONFIG_KEY)
     if not text:
         raise DataError(path, f"ONNX model without the {ONNX_CONFIG_KEY!r} metadata; export it with `wpcrack export --onnx`")
-    return OnnxDetector(session, path), config_from_text(text)
+    detector = OnnxDetector(session, path)
+    width = session.get_modelmeta().custom_metadata_map.get(ONNX_WIDTH_KEY)
+    if width:
+        setattr(detector, CRACK_WIDTH_ATTR, float(width))
+    return detector, config_from_text(text)

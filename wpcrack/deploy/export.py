@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from wpcrack.deploy.detection import ONNX_CONFIG_KEY, ONNX_SIZE_MULTIPLE, load_model_dir, load_onnx
+from wpcrack.deploy.detection import (
+    ONNX_CONFIG_KEY,
+    ONNX_SIZE_MULTIPLE,
+    ONNX_WIDTH_KEY,
+    load_model_dir,
+    load_onnx,
+    training_crack_width,
+)
 from wpcrack.errors import DataError
 from wpcrack.io import atomic_path, write_json
 
@@ -50,6 +57,9 @@ def export_onnx(detector: torch.nn.Module, cfg: Config, path: str | Path, size: 
         model = program.model_proto
         entry = model.metadata_props.add()
         entry.key, entry.value = ONNX_CONFIG_KEY, yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+        if training_crack_width(detector):  # predict's width matching travels with the export
+            entry = model.metadata_props.add()
+            entry.key, entry.value = ONNX_WIDTH_KEY, repr(training_crack_width(detector))
         onnx.save_model(model, str(tmp))
     return path
 

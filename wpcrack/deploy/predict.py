@@ -89,7 +89,23 @@ def load_registered(uri: str) -> tuple[torch.nn.Module, Config]:
             "Train and promote a model first, or pass --model <trained model folder>"
         ) from None
     impl = model.unwrap_python_model()
+    _registered_width(uri, impl.detector)
     return impl.detector, impl.cfg
+
+
+def _registered_width(uri: str, detector: torch.nn.Module) -> None:
+    """The training crack width `wpcrack calibrate` tagged the registered version with, if any."""
+    from wpcrack.deploy.detection import CRACK_WIDTH_ATTR, weights_digest
+    from wpcrack.tracking.runs import WEIGHTS_TAG, client
+
+    if not uri.startswith("models:/"):
+        return
+    name, _, ref = uri.removeprefix("models:/").partition("@")
+    name, _, number = name.partition("/")
+    version = client().get_model_version_by_alias(name, ref) if ref else client().get_model_version(name, number)
+    width = version.tags.get(CRACK_WIDTH_ATTR)
+    if width and version.tags.get(WEIGHTS_TAG) == weights_digest(detector):
+        setattr(detector, CRACK_WIDTH_ATTR, float(width))
 
 
 def load_detector(model: str, dataset: str, params: str | Path | None = None) -> tuple[torch.nn.Module, Config, str]:

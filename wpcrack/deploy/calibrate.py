@@ -1,0 +1,90 @@
+"""``wpcrack calibrate``: the crack width a model learned at, stored beside it for scale choice.
+
+The detector sees cracks best at the pixel width they had in its training rows. This measures that
+width the way ``wpcrack.deploy.scale.photo_crack_width`` measures a photo's: the model's own
+detector on its crack-labelled training rows (as stored: the training scale), and the scale-space
+ridge width of the photo along the skeleton of what it finds. No pixel mask is read: the weak
+model stays weak. A composite run (``roads``) weighs its sources as training drew them
+(``train.source_weights``). The median goes to ``models/<run>/scale.json`` with the weights' digest,
+so a retrained model is never paired with another model's width.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from wpcrack.config import Config
+from wpcrack.errors import DataError
+from wpcrack.io import read_image, write_json
+
+
+def weighted_median(values: list[float], weights: list[float]) -> float:
+    """The value at which half of the total weight lies on each side (the lower one on a tie)."""
+    order = np.argsort(values)
+    v, w = np.asarray(values, float)[order], np.asarray(weights, float)[order]
+    cumulative = np.cumsum(w)
+    return float(v[np.searchsorted(cumulative, cumulative[-1] / 2)])
+
+
+def calibrate(cfg: Config, model_dir: Path, rows_per_source: int = 120, seed: int = 0) -> dict:
+    """Measure and write ``model_dir/scale.json``; returns its content."""
+    import cv2
+
+    from wpcrack.data.manifest import load_manifest
+    from wpcrack.deploy.detection import GatedDetector, SCALE_FILE, load_model_dir, weights_digest
+    from wpcrack.deploy.measure import skeletonize
+    from wpcrack.deploy.scale import ridge_width
+    from wpcrack.inference.tiles import predict_image
+
+    if not (model_dir / "best.pt").is_file():
+        raise DataError(model_dir / "best.pt", f"no trained model; run `dvc repro train@{cfg.dataset}` first")
+    root = Path(cfg.paths.data) / "prepared" / cfg.dataset
+    rows = load_manifest(root / "manifest.csv", split="train")
+    rows = rows[rows["label"] == 1]
+    if rows.empty:
+        raise DataError(root / "manifest.csv", "no crack-labelled training rows to calibrate on")
+    detector, model_cfg = load_model_dir(model_dir)
+    probe = GatedDetector(detector)
+    start = time.perf_counter()
+    widths: dict[str, list[float]] = {}
+    for source, group in rows.groupby("dataset", sort=True):
+        picked = group.sample(min(rows_per_source, len(group)), random_state=seed)
+        for image in picked["image"]:
+            rgb = read_image(root / image)
+            found = predict_image(probe, rgb, model_cfg) > model_cfg.evaluate.threshold
+            width = ridge_width(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), skeletonize(found))
+            if width is not None:
+                widths.setdefault(str(source), []).append(width)
+    if not widths:
+        raise DataError(model_dir, "the detector finds no crack on any training row: nothing to calibrate on")
+    share = cfg.train.source_weights or {s: 1.0 for s in widths}
+    values = [w for s, ws in widths.items() for w in ws]
+    weights = [share.get(s, 0.0) / len(ws) for s, ws in widths.items() for _ in ws]
+    result = {
+        "crack_width_px": weighted_median(values, weights),
+        "by_source": {s: {"median_px": float(np.median(ws)), "rows": len(ws)} for s, ws in widths.items()},
+        "weights_md5": weights_digest(detector),
+    }
+    write_json(model_dir / SCALE_FILE, result)  # no timing inside: a re-run writes the same bytes
+    return {**result, "seconds": time.perf_counter() - start, "tagged_versions": tag_registered(cfg, result)}
+
+
+def tag_registered(cfg: Config, result: dict) -> list[str]:
+    """Tag every registered version of these weights with the width, so `predict --model champion`
+    (or ``models:/...``) matches widths as the model folder does. Nothing when MLflow has none."""
+    try:
+        from wpcrack.deploy.detection import CRACK_WIDTH_ATTR
+        from wpcrack.tracking.runs import WEIGHTS_TAG, client, model_name
+
+        c = client()
+        name = model_name(cfg.tracking.model_name_prefix, cfg.dataset)
+        versions = [v for v in c.search_model_versions(f"name = '{name}'")
+                    if v.tags.get(WEIGHTS_TAG) == result["weights_md5"]]
+        for v in versions:
+            c.set_model_version_tag(name, v.version, CRACK_WIDTH_ATTR, repr(result["crack_width_px"]))
+        return [str(v.version) for v in versions]
+    except ImportError:
+        return []
