@@ -40,7 +40,8 @@ def worker_model(spec: dict[str, Any]):
 
     key = tuple(sorted((k, str(v)) for k, v in spec.items()))
     if key not in _MODELS:
-        _MODELS[key] = load_survey_model(spec["model"], spec["dataset"], spec["params"], spec["onnx"], spec["threads"])
+        _MODELS[key] = load_survey_model(spec["model"], spec["dataset"], spec["params"], spec["onnx"], spec["threads"],
+                                         spec["version"])
     return _MODELS[key]
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+import io
 import json
 import time
 from dataclasses import dataclass
@@ -127,8 +128,9 @@ def ensure_onnx(detector: torch.nn.Module, cfg: Config, cache: Path, weights_md5
 
 
 def load_survey_model(model: str, dataset: str, params: str | Path | None, onnx: str | Path | None,
-                      threads: int | None = None) -> SurveyModel:
-    """The torch model (scale choice, and detection without ``onnx``) and, with ``onnx``, ONNX Runtime."""
+                      threads: int | None = None, version: str | None = None) -> SurveyModel:
+    """The torch model (scale choice, and detection without ``onnx``) and, with ``onnx``, ONNX Runtime;
+    ``version`` as the flow named it once (else worked out here: weights digest, registry)."""
     import torch
 
     from wpcrack.deploy.detection import load_onnx, weights_digest
@@ -137,7 +139,7 @@ def load_survey_model(model: str, dataset: str, params: str | Path | None, onnx:
     if threads:
         torch.set_num_threads(threads)
     chooser, cfg, source = load_detector(model, dataset, params)
-    version = model_version(model, source, weights_digest(chooser))
+    version = version or model_version(model, source, weights_digest(chooser))
     if onnx:
         detector, _ = load_onnx(onnx, threads)
         return SurveyModel(detector, chooser, cfg, version, "onnxruntime")
@@ -151,12 +153,13 @@ def _ratio(value: Any) -> float:
     return float(value[0]) / float(value[1]) if isinstance(value, tuple) else float(value)
 
 
-def read_exif(path: Path) -> tuple[str | None, float | None, float | None]:
-    """(capture time ISO 8601, latitude, longitude) from a photo's EXIF, each None when absent."""
+def read_exif(photo: Path | bytes) -> tuple[str | None, float | None, float | None]:
+    """(capture time ISO 8601, latitude, longitude) from a photo's EXIF (its file or its bytes), each
+    None when absent."""
     from PIL import Image
 
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(photo) if isinstance(photo, bytes) else photo) as img:
             exif = img.getexif()
     except Exception:  # not an image PIL reads, or broken EXIF: no metadata, the photo itself is judged elsewhere
         return None, None, None
@@ -194,26 +197,31 @@ def done_row(out: Path, path: Path, version: str, settings: str) -> dict | None:
     return row if (row.get("model_version"), row.get("settings")) == (version, settings) else None
 
 
-def decode(path: Path, max_pixels: int) -> tuple[np.ndarray, str]:
-    """(RGB photo, SHA-256 of its bytes); a DataError says what is wrong with the file."""
+def decode(path: Path, max_pixels: int) -> tuple[np.ndarray, bytes]:
+    """(RGB photo, its file's bytes: read once for the hash and the EXIF too); a DataError says what
+    is wrong with the file."""
     import cv2
+    from PIL import Image
 
     if not path.is_file():
         raise DataError(path, "file not found")
     data = path.read_bytes()
     if not data:
         raise DataError(path, "file is empty")
-    fmt = image_format(data[:16])
-    if not is_complete(data, fmt):
+    if not is_complete(data, image_format(data[:16])):
         raise DataError(path, "truncated file (incomplete copy or upload?)")
-    header = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_REDUCED_GRAYSCALE_8)
-    if header is None:
-        raise DataError(path, "cannot be decoded as an image (corrupt or not an image)")
-    if header.shape[0] * header.shape[1] * 64 > max_pixels:
-        raise DataError(path, f"about {header.shape[1] * 8}x{header.shape[0] * 8} px, more than the "
-                              f"{max_pixels / 1e6:g} MP a survey photo may have (--max-megapixels)")
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # the header alone: no pixels decoded yet
+            width, height = img.size
+    except Exception:  # PIL cannot identify it; OpenCV below decides
+        width = height = 0
+    if width * height > max_pixels:
+        raise DataError(path, f"{width}x{height} px, more than the {max_pixels / 1e6:g} MP a survey photo may "
+                              "have (--max-megapixels)")
     bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), hashlib.sha256(data).hexdigest()
+    if bgr is None:
+        raise DataError(path, "cannot be decoded as an image (corrupt or not an image)")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), data
 
 
 def process_photo(path: Path, model: SurveyModel, out: Path, mm_per_pixel: float | None = None,
@@ -231,7 +239,8 @@ def process_photo(path: Path, model: SurveyModel, out: Path, mm_per_pixel: float
     row: dict[str, Any] = {**dict.fromkeys(COLUMNS), "path": str(path), "key": key,
                            "model_version": model.version, "settings": settings, "engine": model.engine}
     try:
-        rgb, row["sha256"] = decode(path, max_pixels)
+        rgb, data = decode(path, max_pixels)
+        row["sha256"] = hashlib.sha256(data).hexdigest()
         prediction = probability_map(model.detector, rgb, model.cfg, mm_per_pixel=mm_per_pixel, chooser=model.chooser)
         mask = prediction.prob > model.cfg.evaluate.threshold
         row.update(mask=f"masks/{key}_mask.png", overlay=f"overlays/{key}_overlay.jpg")
@@ -239,7 +248,7 @@ def process_photo(path: Path, model: SurveyModel, out: Path, mm_per_pixel: float
         write_image(out / row["overlay"], overlay(rgb, mask))
         row.update(height=rgb.shape[0], width=rgb.shape[1], scale=round(prediction.choice.scale, 6),
                    scale_source=prediction.choice.source, **crack_stats(mask, mm_per_pixel))
-        row["taken"], row["latitude"], row["longitude"] = read_exif(path)
+        row["taken"], row["latitude"], row["longitude"] = read_exif(data)
     except DataError as exc:
         row["error"] = exc.problem
     row["seconds"] = time.perf_counter() - start
