@@ -2,8 +2,11 @@
 
 1. The batch goes through intake (``wpcrack.intake``: probing, pandera validation, quarantine of bad
    files, a new DVC data version of ``data/incoming/<dataset>``), each step a Prefect task.
-2. ``dvc repro`` runs ``prepare@<dataset>`` (which picks up the incoming manifest), checks that the
-   test split did not change, then ``train@<key>`` and ``evaluate@<key>``.
+2. ``dvc repro`` runs ``prepare@<dataset>`` (which picks up the incoming manifest, each new image at
+   the scale the champion's predict chose for it at intake), checks that the test split did not
+   change, then ``train@<key>`` (``retrain.mode``: anew, or continuing the champion's weights for a
+   few epochs), ``evaluate@<key>`` and, for a full model, ``calibrate@<key>`` (the crack width its
+   scale choice matches, tagged on the new version before the field sets score it).
 3. The promotion gate (``wpcrack.tracking.gate``) weighs the challenger against the champion on the
    benchmark's test split and on each field set of params.yaml (scored there through predict's
    default path, the champion once per set version); the decision, every score and the batch's data
@@ -30,8 +33,9 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from pipelines.snapshot import Snapshot, champion_paths
-from pipelines.tasks import dvc_repro, promote_challenger, run_key
+from pipelines.tasks import dvc_repro, has_stage, promote_challenger, run_key
 from wpcrack import intake
+from wpcrack.config import load_retrain
 from wpcrack.errors import DataError, WpcrackError
 from wpcrack.intake import BatchRejected, fingerprint_test_split, restore
 
@@ -51,9 +55,11 @@ def quarantine(report: pd.DataFrame, batch: str, folder: str) -> list[str]:
 
 
 @task(name="ingest", cache_policy=NO_CACHE)
-def ingest(report: pd.DataFrame, root: str, dataset: str, batch: str, quarantined: int) -> dict:
-    """Copy the good files into the incoming set and commit a new DVC data version."""
-    return intake.ingest(report, root, dataset, batch, quarantined)
+def ingest(report: pd.DataFrame, root: str, dataset: str, batch: str, quarantined: int,
+           scale_model: str | None = None) -> dict:
+    """Copy the good files into the incoming set (each with the scale ``scale_model``'s predict
+    chooses for it) and commit a new DVC data version."""
+    return intake.ingest(report, root, dataset, batch, quarantined, scale_model)
 
 
 @flow(name="wpcrack-retrain", log_prints=True)
@@ -71,7 +77,10 @@ def retrain(
     evaluate on the fixed test split and move ``champion`` to the new model if it passes the gate."""
     root_path = Path(root).resolve()
     key = run_key(root_path, dataset, variant)
-    result: dict = {"dataset": dataset, "variant": variant, "batch": batch}
+    mode = load_retrain(root_path / "params.yaml").mode
+    result: dict = {"dataset": dataset, "variant": variant, "batch": batch, "mode": mode}
+    print(f"retrain.mode {mode}: " + ("continuing the champion's weights on old + new data" if mode == "finetune"
+                                      else "training anew on old + new data"))
     with contextlib.chdir(root_path):
         report = None
         if batch:
@@ -89,7 +98,9 @@ def retrain(
                     return {**result, "decision": "nothing_new"}
                 raise BatchRejected(f"{batch_path}: no usable image ({rejected} rejected; "
                                     f"reasons in {folder / 'report.csv'})")
-            result["data_version"] = ingest(report, str(root_path), dataset, str(batch_path), len(moved))
+            model = intake.scale_model(root_path, dataset, variant)
+            result["data_version"] = ingest(report, str(root_path), dataset, str(batch_path), len(moved),
+                                            str(model) if model else None)
         before = fingerprint_test_split(root_path, dataset)
         snapshot = Snapshot(root_path, champion_paths(root_path, dataset, variant))
         try:
@@ -102,6 +113,8 @@ def retrain(
             since_ms = int(time.time() * 1000)
             dvc_repro([f"train@{key}"], cwd=str(root_path), gpu=True)
             dvc_repro([f"evaluate@{key}"], cwd=str(root_path), gpu=True)
+            if has_stage(root_path, f"calibrate@{key}"):  # the new weights' crack width: predict's scale choice
+                dvc_repro([f"calibrate@{key}"], cwd=str(root_path))
             data_version = result.get("data_version") or {}
             decision = promote_challenger(
                 str(root_path), dataset, variant, since_ms=since_ms, stage=f"retrain@{dataset}", promote=promote,

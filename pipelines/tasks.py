@@ -81,6 +81,18 @@ def dvc_repro(targets: Sequence[str], cwd: str = ".", gpu: bool = False, single:
         return run_dvc(args, cwd)
 
 
+def has_stage(root: str | Path, name: str) -> bool:
+    """Whether dvc.yaml defines stage ``name`` (``<stage>@<item>`` of a literal ``foreach`` list or mapping)."""
+    import yaml
+
+    base, _, item = name.partition("@")
+    stage = (yaml.safe_load((Path(root) / "dvc.yaml").read_text()).get("stages") or {}).get(base)
+    if not stage:
+        return False
+    items = stage.get("foreach")
+    return items is None and not item or isinstance(items, list | dict) and item in items
+
+
 def run_key(root: str | Path, dataset: str, variant: str) -> str:
     """The DVC stage key of (dataset, variant) from ``runs:`` in params.yaml."""
     from wpcrack.config import ConfigError, list_runs

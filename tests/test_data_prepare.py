@@ -359,6 +359,25 @@ def test_incoming_rows_are_rescaled_like_the_training_rows(tmp_path, dataset, ma
     assert set(zip(df[df.split == "train"].height, df[df.split == "train"].width)) == {(size, size)}
 
 
+def test_incoming_rows_keep_the_scale_predict_chose_for_them(tmp_path):
+    """Rows ingested with the champion's scale choice are stored at it, aspect kept (predict sees the
+    photo so); rows without one are squashed as before; a bad scale names the manifest and the row."""
+    data = tmp_path / "data"
+    _fake_deepcrack(data / "raw" / "deepcrack")
+    _incoming(data, "deepcrack", shapes=((50, 70), (90, 64), (64, 64)))
+    manifest = data / "incoming" / "deepcrack" / "manifest.csv"
+    frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    frame["scale"], frame["scale_model"] = ["0.5", "", "2"], ["abc", "", "abc"]
+    frame.to_csv(manifest, index=False)
+    df = load_manifest(prepare(_cfg(data), "deepcrack"))
+    new = df[df.source_id.str.startswith("incoming-")]
+    assert list(zip(new.height, new.width)) == [(25, 35), (24, 24), (128, 128)]
+    frame["scale"] = ["0.5", "wide", ""]
+    frame.to_csv(manifest, index=False)
+    with pytest.raises(DataError, match=r"incoming/deepcrack/manifest\.csv: images/.*: scale 'wide' must be"):
+        prepare(_cfg(data), "deepcrack")
+
+
 def test_no_incoming_data_with_an_empty_version_log(tmp_path):
     data = tmp_path / "data"
     _version_log(data, "synthetic", 0)  # header only, as committed for every dataset

@@ -257,3 +257,29 @@ def test_predict_without_any_image_is_a_clear_error(model_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no images"):
         predict([tmp_path / "empty"], model=str(model_dir), out_dir=tmp_path / "out", params=PARAMS)
+
+
+def test_intake_records_the_scale_predict_chooses_for_each_photo(model_dir, tmp_path):
+    """A retraining stores new photos at the scale ``wpcrack predict`` (no --scale) would use for
+    them with the champion, width matching included; the record names the model."""
+    import shutil
+
+    from wpcrack.deploy.detection import load_model_dir, weights_digest
+    from wpcrack.intake import predict_scales
+
+    folder = tmp_path / "champion"
+    shutil.copytree(model_dir, folder)
+    digest = weights_digest(load_model_dir(folder)[0])
+    (folder / "scale.json").write_text(json.dumps({"crack_width_px": 3.0, "weights_md5": digest}))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    paths = [photos / "wide.png", photos / "tall.png", photos / "big.png"]
+    for path, (h, w) in zip(paths, ((96, 300), (240, 90), (300, 400))):
+        write_image(path, _survey_photo(h, w))
+    out = tmp_path / "out"
+    assert main(["predict", str(photos), "--model", str(folder), "--out", str(out), "--params", str(PARAMS),
+                 "--dataset", "synthetic"]) == 0
+    table = pd.read_csv(out / "predictions.csv").set_index("image")
+    scales, model_md5 = predict_scales([str(p) for p in paths], folder)
+    assert scales == pytest.approx([table.loc[str(p), "scale"] for p in paths], rel=1e-5)
+    assert model_md5 == digest and len(set(scales)) > 1

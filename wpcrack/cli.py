@@ -50,11 +50,20 @@ def cmd_survey_photo(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    cfg = _config(args, args.dataset, args.variant)
+    from wpcrack.config import load_retrain
+    from wpcrack.train import continuation
     from wpcrack.train.loop import train
 
+    cfg = _config(args, args.dataset, args.variant)
+    retrain = load_retrain(args.params, args.set or [])
     model_dir, _ = _run_dirs(cfg, args.dataset, args.variant)
-    train(cfg, out_dir=Path(args.out) if args.out else model_dir, resume=args.resume)
+    out_dir = Path(args.out) if args.out else model_dir
+    start = None
+    if retrain.mode == "finetune":
+        cfg, start = continuation.finetune_config(cfg, retrain), continuation.take_start(out_dir)
+        print(f"retrain.mode finetune: continuing {start} for {retrain.epochs} epoch(s) at "
+              f"{retrain.lr_scale} x the learning rates", flush=True)
+    train(cfg, out_dir=out_dir, resume=args.resume, start=start)
 
 
 def torchrun_command(nproc: str, argv: list[str]) -> list[str]:
@@ -182,9 +191,11 @@ def cmd_field(args: argparse.Namespace) -> None:
 
 
 def cmd_intake(args: argparse.Namespace) -> None:
-    from wpcrack.intake import intake
+    from wpcrack.intake import intake, scale_model
 
-    result = intake(args.batch, args.root, args.dataset, args.quarantine, args.min_side, args.max_side, args.check)
+    model = args.scale_model or (None if args.check else scale_model(args.root, args.dataset, args.variant))
+    result = intake(args.batch, args.root, args.dataset, args.quarantine, args.min_side, args.max_side, args.check,
+                    model)
     report = result["report"]
     for row in report[~report["ok"] & ~report["already_ingested"]].itertuples() if len(report) else ():
         print(f"  rejected {row.path}: {row.reason}")
@@ -431,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-side", type=int, default=64, help="smallest photo side, px (default: 64)")
     p.add_argument("--max-side", type=int, default=10000, help="largest photo side, px (default: 10000)")
     p.add_argument("--check", action="store_true", help="only validate and list what would be rejected")
+    p.add_argument("--variant", default="full", help="the run whose model (models/<dataset>/<variant>) chooses the "
+                   "scale the new images are stored at (retrain.incoming_scale: predict; default: full)")
+    p.add_argument("--scale-model", help="another trained model folder to choose that scale")
     p.set_defaults(func=cmd_intake)
 
     p = sub.add_parser("report", help="write the results pages from the pipeline's metrics files "

@@ -292,6 +292,24 @@ class PromotionConfig:
 
 
 @dataclass(frozen=True)
+class RetrainConfig:
+    """How a run is retrained on old + newly tagged data (``pipelines.retrain``, ``dvc repro train@<run>``).
+
+    ``scratch`` trains anew from ImageNet with the run's own recipe. ``finetune`` continues the run's
+    current model (the champion: its ``best.pt``, which the flow keeps aside) for ``epochs``
+    three-phase epochs at ``lr_scale`` times the recipe's learning rates, pseudo labels remade by
+    that model at the start. ``incoming_scale``: ``predict`` stores each incoming image at the scale
+    predict chooses for it with the champion (chosen at intake, aspect kept), ``square`` squashes it
+    to the dataset's square training size. Kept out of ``Config``: the recipe a scratch run saves in
+    ``best.pt`` does not change with it; a fine-tuned model records its start and these settings."""
+
+    mode: str = "scratch"
+    epochs: int = 3
+    lr_scale: float = 0.3
+    incoming_scale: str = "predict"
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     experiment: str = "wpcrack"
     model_name_prefix: str = "wpcrack"
@@ -326,7 +344,7 @@ class Config:
 
 
 # Top-level keys of params.yaml that are not Config sections.
-_META_KEYS = ("profiles", "variants", "runs")
+_META_KEYS = ("profiles", "variants", "runs", "retrain")
 
 
 def _hint_is_optional(hint: Any) -> bool:
@@ -437,6 +455,7 @@ _LIMITS: dict[type, dict[str, tuple[Callable[[Any], bool], str]]] = {
     EvaluateConfig: {"threshold": _OPEN_UNIT, "tile_size": _ONE_OR_MORE, "tile_overlap": _NON_NEGATIVE,
                      "figure_images": _NON_NEGATIVE, "pr_thresholds": (lambda v: v >= 2, "must be >= 2")},
     SyntheticPrepare: {"mm_per_pixel": _POSITIVE},
+    RetrainConfig: {"epochs": _ONE_OR_MORE, "lr_scale": _POSITIVE},
     PredictConfig: {"max_scale": _POSITIVE, "max_side": _ONE_OR_MORE, "min_side_rows": _POSITIVE,
                     "scale_step": (lambda v: v > 1, "must be > 1"), "sample_tiles": _ONE_OR_MORE,
                     "evidence_share": (lambda v: 0 < v <= 1, "must be in (0, 1]"), "min_crack_probability": _HALF_OPEN_UNIT},
@@ -505,6 +524,7 @@ def resolve(
     profiles = raw.pop("profiles", {}) or {}
     variants = raw.pop("variants", {}) or {}
     raw.pop("runs", None)
+    retrain = raw.pop("retrain", None) or {}
     for meta in ("profile", "dataset", "variant"):
         if meta in raw:
             raise ConfigError(f"params: '{meta}' is chosen per run, not a top-level key")
@@ -533,6 +553,8 @@ def resolve(
         merged = deep_merge(merged, {"train": {"seed": seed}})
     for text in overrides:
         merged = deep_merge(merged, parse_override(text))
+    retrain = deep_merge(retrain, merged.pop("retrain", None) or {})
+    build_retrain(retrain)  # a typo there fails every command, not only the retraining
     if dataset in COMPOSITE_DATASETS:
         merged.setdefault("pseudo_labels", {})["by_source"] = _labels_by_source(datasets, merged, dataset, profile)
     merged.update(profile=profile, dataset=dataset, variant=variant)
@@ -606,6 +628,31 @@ def list_runs(path: str | Path = "params.yaml") -> dict[str, dict[str, str]]:
         if set(run) != {"dataset", "variant"}:
             raise ConfigError(f"params.yaml runs.{key}: needs exactly 'dataset' and 'variant'")
     return runs
+
+
+RETRAIN_MODES = ("scratch", "finetune")
+INCOMING_SCALES = ("predict", "square")
+
+
+def build_retrain(values: dict[str, Any]) -> RetrainConfig:
+    """The ``retrain`` section as a RetrainConfig; unknown keys and bad values are errors."""
+    cfg = _build(RetrainConfig, values, "retrain")
+    if cfg.mode not in RETRAIN_MODES:
+        raise ConfigError(f"retrain.mode: {cfg.mode!r}; valid: {', '.join(RETRAIN_MODES)}")
+    if cfg.incoming_scale not in INCOMING_SCALES:
+        raise ConfigError(f"retrain.incoming_scale: {cfg.incoming_scale!r}; valid: {', '.join(INCOMING_SCALES)}")
+    return cfg
+
+
+def load_retrain(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> RetrainConfig:
+    """The ``retrain`` section of params.yaml with the ``retrain.*`` ones of ``overrides`` applied."""
+    values = read_params(path).get("retrain") or {}
+    for text in overrides:
+        values = deep_merge(values, parse_override(text).get("retrain") or {})
+    try:
+        return build_retrain(values)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:

@@ -43,7 +43,7 @@ SUFFIX_FORMAT = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".bmp": "bmp", 
 SAFE_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 MODES = ("RGB", "L")
 INCOMING_COLUMNS = ("image", "mask", "label", "split", "dataset", "source_id", "height", "width",
-                    "sha256", "batch", "original", "added", "version")
+                    "sha256", "batch", "original", "added", "version", "scale", "scale_model")
 VERSION_COLUMNS = ("version", "created", "batch", "added", "quarantined", "md5", "nfiles", "size")
 
 
@@ -288,8 +288,42 @@ def _read_dvc_out(path: Path) -> dict:
     return outs[0]
 
 
-def ingest(report: pd.DataFrame, root: str, dataset: str, batch: str, quarantined: int) -> dict:
-    """Copy the good files into the incoming set, append its manifest, commit a new DVC version."""
+def predict_scales(paths: list[str], model_dir: str | Path) -> tuple[list[float], str]:
+    """The scale ``wpcrack predict`` chooses for each image with the model of ``model_dir`` (how the
+    deployed model will see such photos; ``wpcrack prepare`` stores them at it), and the model's md5."""
+    import torch
+
+    from wpcrack.deploy.detection import decide_scale, load_model_dir, weights_digest
+    from wpcrack.io import read_image
+
+    detector, cfg = load_model_dir(model_dir)
+    with torch.inference_mode():
+        scales = [float(decide_scale(detector, read_image(p), cfg)[0].scale) for p in paths]
+    return scales, weights_digest(detector)
+
+
+def scale_model(root: str | Path, dataset: str, variant: str = "full") -> Path | None:
+    """The model whose scale choice stores a batch (``retrain.incoming_scale: predict``): the run's
+    trained folder, the champion's files. None for ``square``, or when the run has no model yet."""
+    from wpcrack.config import load_config, load_retrain
+
+    params = Path(root) / "params.yaml"
+    if load_retrain(params).incoming_scale != "predict":
+        return None
+    folder = Path(root) / load_config(params, dataset).paths.models / dataset / variant
+    if not (folder / "best.pt").is_file():
+        print(f"{folder}: no trained model to choose the scale of the new images; they are squashed to the "
+              "training size (retrain.incoming_scale: predict needs the champion)")
+        return None
+    return folder
+
+
+def ingest(report: pd.DataFrame, root: str, dataset: str, batch: str, quarantined: int,
+           scale_model: str | Path | None = None) -> dict:
+    """Copy the good files into the incoming set, append its manifest, commit a new DVC version.
+    With ``scale_model`` (a trained model folder, the champion) each row records the scale predict
+    chooses for it with that model (``predict_scales``); without, prepare squashes it to the
+    training size."""
     root_path = Path(root)
     folder = incoming_dir(root_path, dataset)
     (folder / "images").mkdir(parents=True, exist_ok=True)
@@ -298,7 +332,9 @@ def ingest(report: pd.DataFrame, root: str, dataset: str, batch: str, quarantine
     version = int(pd.to_numeric(versions["version"]).max()) + 1 if len(versions) else 1
     added = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     rows = []
-    for row in report[report["ok"]].to_dict("records"):
+    good = report[report["ok"]].to_dict("records")
+    scales, model_md5 = predict_scales([r["path"] for r in good], scale_model) if scale_model and good else ([], "")
+    for i, row in enumerate(good):
         image = f"images/{row['sha256'][:20]}{row['suffix']}"
         shutil.copy2(row["path"], folder / image)
         rows.append({
@@ -306,6 +342,7 @@ def ingest(report: pd.DataFrame, root: str, dataset: str, batch: str, quarantine
             "source_id": f"incoming-{row['sha256'][:20]}", "height": int(row["height"]), "width": int(row["width"]),
             "sha256": row["sha256"], "batch": str(Path(batch).resolve()), "original": str(Path(row["path"]).resolve()),
             "added": added, "version": version,
+            "scale": f"{scales[i]:.6g}" if scales else "", "scale_model": model_md5,
         })
     manifest = pd.concat([read_incoming(root_path, dataset), pd.DataFrame(rows, columns=list(INCOMING_COLUMNS))])
     with atomic_path(folder / "manifest.csv") as tmp:
@@ -368,7 +405,8 @@ def quarantine_folder(root: Path, dataset: str, batch: Path) -> Path:
 
 
 def intake(batch: str | Path, root: str | Path, dataset: str, quarantine_dir: str | Path | None = None,
-           min_side: int = 64, max_side: int = 10000, check_only: bool = False) -> dict:
+           min_side: int = 64, max_side: int = 10000, check_only: bool = False,
+           scale_model: str | Path | None = None) -> dict:
     """The three steps on one batch: ``{"report", "good", "rejected", "already_ingested", "quarantine",
     "quarantined", "data_version"}``. Raises ``BatchRejected`` when a batch with new files has no
     good one; ``check_only`` validates and moves nothing."""
@@ -385,5 +423,6 @@ def intake(batch: str | Path, root: str | Path, dataset: str, quarantine_dir: st
         raise BatchRejected(f"{batch_path}: no usable image ({result['rejected']} rejected; "
                             f"reasons in {folder / 'report.csv'})")
     if good:
-        result["data_version"] = ingest(report, str(root_path), dataset, str(batch_path), result["quarantined"])
+        result["data_version"] = ingest(report, str(root_path), dataset, str(batch_path), result["quarantined"],
+                                        scale_model)
     return result

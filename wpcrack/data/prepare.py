@@ -31,7 +31,7 @@ import numpy as np
 
 from wpcrack.config import COMPOSITE_DATASETS, Config, PrepareConfig
 from wpcrack.errors import DataError
-from wpcrack.geometry import grid_cells, resize_mask, resize_square
+from wpcrack.geometry import grid_cells, resize_image, resize_mask, resize_square, scaled_size
 from wpcrack.io import atomic_dir, list_images, read_image, read_mask, write_image, write_json
 
 SPLITS = ("train", "val", "test")
@@ -420,8 +420,24 @@ def _incoming_rows(root: Path, dataset: str):
     return df
 
 
+def _incoming_scale(row: dict, manifest: Path) -> float | None:
+    """The scale an incoming image is stored at: the one predict chose for it at intake (``scale``),
+    None (squashed to the training size) for rows ingested without one."""
+    text = str(row.get("scale") or "").strip()
+    if not text:
+        return None
+    try:
+        scale = float(text)
+    except ValueError:
+        scale = float("nan")
+    if not 0 < scale <= 8:
+        raise DataError(manifest, f"{row['image']}: scale {text!r} must be a number in (0, 8]")
+    return scale
+
+
 def _incoming(p: PrepareConfig, root: Path, writer: _Writer) -> dict:
-    """Add the incoming images to the training split: rescaled like the training rows, label kept, no mask."""
+    """Add the incoming images to the training split: at the scale predict chose for them at intake
+    (aspect kept), or squashed like the training rows when none was recorded; label kept, no mask."""
     dataset = writer.dataset
     df = _incoming_rows(root, dataset)
     if df is None or df.empty:
@@ -440,8 +456,9 @@ def _incoming(p: PrepareConfig, root: Path, writer: _Writer) -> dict:
                             f"is corrupt or was never checked out ({checkout})") from None
         if row.get("sha256") and hashlib.sha256(path.read_bytes()).hexdigest() != row["sha256"]:
             raise DataError(path, f"content differs from its sha256 in {folder / 'manifest.csv'} (corrupt; {checkout})")
-        writer.add_unmasked("train", f"incoming-{Path(row['image']).stem}", resize_square(rgb, size),
-                            int(row["label"]), row["source_id"])
+        scale = _incoming_scale(row, manifest=folder / "manifest.csv")
+        stored = resize_square(rgb, size) if scale is None else resize_image(rgb, scaled_size(rgb.shape, scale))
+        writer.add_unmasked("train", f"incoming-{Path(row['image']).stem}", stored, int(row["label"]), row["source_id"])
     crack = int(df["label"].astype(int).sum())
     return {"rows": len(df), "crack": crack, "nocrack": len(df) - crack}
 

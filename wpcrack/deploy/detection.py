@@ -212,6 +212,32 @@ class Prediction(NamedTuple):
     choice: ScaleChoice   # the scale(s) and whether the user gave them
 
 
+def decide_scale(detector: torch.nn.Module, rgb: np.ndarray, cfg: Config, scales: Sequence[float] | None = None,
+                 mm_per_pixel: float | None = None, chooser: torch.nn.Module | None = None,
+                 gated: torch.nn.Module | None = None) -> tuple[ScaleChoice, dict[float, np.ndarray]]:
+    """The scale(s) ``probability_map`` predicts ``rgb`` at (see there), and the predictions it made
+    on the way by scale (the width is read from the prediction at the classifier's scale, made by
+    ``gated``, default the detector ungated). The retraining's intake stores new photos at this scale."""
+    from wpcrack.inference.tiles import predict_image
+
+    scales = check_scales(scales)
+    trained_mm = training_mm_per_pixel(cfg)
+    if scales is None and mm_per_pixel and trained_mm:
+        return ScaleChoice(check_scales([mm_per_pixel / trained_mm]), "mm_per_pixel"), {}  # finer pixels: shrink
+    if scales is not None:
+        return ScaleChoice(scales, "given"), {}
+    choice = choose_scale(rgb, cfg, *scale_measure(chooser or detector, cfg))
+    made: dict[float, np.ndarray] = {}
+    trained_width = training_crack_width(chooser or detector)
+    if trained_width and cfg.predict.width_weight > 0:
+        view = resize_image(rgb, scaled_size(rgb.shape, choice.scale))
+        made[choice.scale] = predict_image(gated or GatedDetector(detector, DEFAULT_GATE), view, cfg)
+        found = photo_crack_width(rgb, made[choice.scale], cfg.evaluate.threshold)
+        candidates = ladder(rgb.shape, cfg)
+        choice = match_width(choice, found, trained_width, cfg.predict.width_weight, (candidates[-1], candidates[0]))
+    return choice, made
+
+
 def probability_map(detector: torch.nn.Module, rgb: np.ndarray, cfg: Config, gate: float = DEFAULT_GATE,
                     scales: Sequence[float] | None = None, mm_per_pixel: float | None = None,
                     chooser: torch.nn.Module | None = None) -> Prediction:
@@ -226,22 +252,8 @@ def probability_map(detector: torch.nn.Module, rgb: np.ndarray, cfg: Config, gat
     the mean over the flips)."""
     from wpcrack.inference.tiles import FLIPS, predict_image
 
-    scales = check_scales(scales)
-    trained_mm = training_mm_per_pixel(cfg)
-    if scales is None and mm_per_pixel and trained_mm:
-        choice = ScaleChoice(check_scales([mm_per_pixel / trained_mm]), "mm_per_pixel")  # finer pixels: shrink
-    elif scales is None:
-        choice = choose_scale(rgb, cfg, *scale_measure(chooser or detector, cfg))
-    else:
-        choice = ScaleChoice(scales, "given")
     gated = GatedDetector(detector, check_gate(gate))
-    made: dict[float, np.ndarray] = {}
-    trained_width = training_crack_width(chooser or detector)
-    if choice.source == "auto" and trained_width and cfg.predict.width_weight > 0:
-        made[choice.scale] = predict_image(gated, resize_image(rgb, scaled_size(rgb.shape, choice.scale)), cfg)
-        found = photo_crack_width(rgb, made[choice.scale], cfg.evaluate.threshold)
-        candidates = ladder(rgb.shape, cfg)
-        choice = match_width(choice, found, trained_width, cfg.predict.width_weight, (candidates[-1], candidates[0]))
+    choice, made = decide_scale(detector, rgb, cfg, scales, mm_per_pixel, chooser, gated)
     total = np.zeros(rgb.shape[:2], dtype=np.float32)
     for scale in choice.scales:
         prob = made.get(scale)

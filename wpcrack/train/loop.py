@@ -45,7 +45,7 @@ from wpcrack.config import Config
 from wpcrack.errors import ConfigError, TrainingError
 from wpcrack.io import atomic_path, write_json
 from wpcrack.method.pseudo_labels import CRFPool, confusion, iou_of
-from wpcrack.train import checkpoint, finetune, relabel
+from wpcrack.train import checkpoint, continuation, finetune, relabel
 from wpcrack.train.averaging import WeightAverage, averaged
 from wpcrack.train.distributed import World, process_group
 from wpcrack.train.optim import Optimizers, build_optimizers, freeze_batchnorm
@@ -67,25 +67,29 @@ class RunState:
     seconds: dict[str, float] = field(default_factory=dict)  # summed over every step of the run (rank 0's)
     world_size: int = 1  # training processes (torchrun); a resumed run needs the same number
     resumed_from_epoch: int = 0  # epochs done when this process took the run over (0: a fresh run)
+    start: dict[str, Any] = field(default_factory=dict)  # the model a continued run started from (continuation)
 
 
-def train(cfg: Config, out_dir: str | Path, resume: bool | None = None, *, track: bool = True) -> dict[str, Any]:
+def train(cfg: Config, out_dir: str | Path, resume: bool | None = None, *, track: bool = True,
+          start: Path | None = None) -> dict[str, Any]:
     """Train WP-CrackNet (or a variant) on ``data/prepared/<dataset>``; returns train_metrics.json's dict.
 
     ``resume`` None (the default): continue an unfinished ``out_dir/checkpoint.pt`` of the same
     config, data and code, else start over and say why. True: continue it or fail with the reason.
     False: start over. ``track`` False skips MLflow (tests). Launched by torchrun
     (``WORLD_SIZE`` > 1), it joins the process group (initialised here unless it already is) and
-    trains data-parallel.
+    trains data-parallel. ``start``: the weights a continued run starts from (``wpcrack.train.continuation``;
+    None: ImageNet).
     """
     if cfg.dataset is None:
         raise ConfigError("train needs a dataset")
     world = World.from_env()
     with process_group(world):
-        return _train(cfg, Path(out_dir), resume, track, world)
+        return _train(cfg, Path(out_dir), resume, track, world, start)
 
 
-def _train(cfg: Config, out_dir: Path, resume: bool | None, track: bool, world: World) -> dict[str, Any]:
+def _train(cfg: Config, out_dir: Path, resume: bool | None, track: bool, world: World,
+           start: Path | None) -> dict[str, Any]:
     from wpcrack.data.datasets import WeakDataset
     from wpcrack.models.wpcracknet import build_model
 
@@ -110,9 +114,15 @@ def _train(cfg: Config, out_dir: Path, resume: bool | None, track: bool, world: 
         if t.finetune_epochs:
             optimizers.add_finetune(*finetune.build_optimizer(model, cfg, t.finetune_epochs * tune_steps))
         prints = checkpoint.fingerprints(cfg.to_dict(), manifest)
+        if start is not None:
+            prints["init"] = continuation.md5(start)
         average = WeightAverage(model, t.ema_decay) if t.ema_decay else None
         run, labels_diag = _take_over(out_dir, cfg, prints, resume, model, optimizers, generator, train_set, world,
                                       average)
+        if start is not None and run.epoch == 0:
+            run.start = continuation.load_start(model, start)
+            if average is not None:
+                average.reset(model)
         if tune_set is not None:
             tune_set.pseudo = train_set.pseudo  # resumed inside fine-tuning: its labels came with the checkpoint
         total = t.epochs + t.finetune_epochs
@@ -122,6 +132,8 @@ def _train(cfg: Config, out_dir: Path, resume: bool | None, track: bool, world: 
 
         with CRFPool(cfg.pseudo_labels) as pool, _tracking(cfg, track and main) as tracker:
             tracker.log_params(cfg.to_dict())
+            if run.start:
+                tracker.log_params({"start": run.start})
             if world.enabled:
                 tracker.log_params({"dist": {"world_size": world.size, "global_batch_size": world.size * t.batch_size}})
             for row in run.history:
@@ -181,7 +193,7 @@ def _train(cfg: Config, out_dir: Path, resume: bool | None, track: bool, world: 
                 if main:
                     checkpoint.save(out_dir / checkpoint.CHECKPOINT, {
                         "model": model.state_dict(), **optimizers.state_dict(),
-                        "rng": checkpoint.rng_state(generator), "run": asdict(run), "config": cfg.to_dict(),
+                        "rng": checkpoint.rng_state(generator), "run": _plain(run), "config": cfg.to_dict(),
                         "git_commit": commit, "fingerprints": prints, "pseudo_labels": packed,
                         "labels_diag": labels_diag, **({"average": average.state_dict()} if average else {}),
                     })
@@ -540,6 +552,9 @@ def _not_resumable(state: dict, out_dir: Path, cfg: Config, prints: dict[str, st
     for key, what in (("data", "the prepared data"), ("code", "the training code")):
         if saved_prints.get(key) != prints[key]:
             return f"{what} changed since it was written" if key in saved_prints else f"it records no {key} fingerprint"
+    if saved_prints.get("init") != prints.get("init"):
+        return ("it continued another model" if "init" in saved_prints and "init" in prints else
+                "it trained from ImageNet" if "init" in prints else "it continued a trained model")
     total = cfg.train.epochs + cfg.train.finetune_epochs
     if not strict and int(run["epoch"]) >= total:
         return f"its run finished ({run['epoch']} of {total} epochs)"
@@ -585,6 +600,11 @@ def _json_safe(row: dict[str, float]) -> dict[str, float | None]:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
 
 
+def _plain(run: RunState) -> dict[str, Any]:
+    """``run`` for the checkpoint; a run from ImageNet stores no ``start`` (its checkpoint is as before)."""
+    return {k: v for k, v in asdict(run).items() if k != "start" or v}
+
+
 def _write_metrics(run: RunState, out_dir: Path, write: bool = True) -> dict[str, Any]:
     """train_metrics.json and history.csv from the run so far (``write`` False: only the dict)."""
     final = run.history[-1] if run.history else {}
@@ -605,6 +625,7 @@ def _write_metrics(run: RunState, out_dir: Path, write: bool = True) -> dict[str
         "timing": _json_safe(timing),
         "final": _json_safe(final),
         "best": _json_safe({k: v for k, v in best.items() if k.startswith("val_") or k == "epoch"}),
+        **({"start": _json_safe(run.start)} if run.start else {}),
     }
     if not write:
         return metrics
