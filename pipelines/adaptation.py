@@ -184,13 +184,14 @@ def run_experiment(root: str = ".", work: str = ".wpcrack/adaptation", photos: i
                      "benchmark_test": result["challenger_iou"]}
             arms[arm] = {"batch": batch, "after": after, "decision": result["decision"], "minutes": minutes,
                          "mode": mode}
+            if "tagged" in arms:  # written after every arm: a stopped experiment keeps what it measured
+                adaptation.write(source / out, {**adaptation.summary(arms, before), "field_photos": field,
+                                                "hardware": _hardware()}, arms)
             print(f"adaptation {arm}: {batch['images']} images -> {result['decision']}; field "
                   f"{before['field']:.1f} -> {after['field']:.1f}, CRACK500 test {before['target_test']:.1f} -> "
                   f"{after['target_test']:.1f}, DeepCrack test {before['benchmark_test']:.1f} -> "
                   f"{after['benchmark_test']:.1f} ({minutes:.1f} min)")
-    figures = adaptation.summary(arms, before)
-    adaptation.write(source / out, {**figures, "field_photos": field, "hardware": _hardware()}, arms)
-    return figures
+    return adaptation.summary(arms, before)
 
 
 def main(argv: list[str] | None = None) -> int:

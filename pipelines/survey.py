@@ -165,6 +165,48 @@ def run(photos: str, out: str, workers: int | None = None, address: str | None =
     return survey.with_options(task_runner=runner)(photos, out, threads=threads, workers=workers, **kwargs)
 
 
+def bench(photos: int, out: str, work: str, model: str, dataset: str = "deepcrack", params: str = "params.yaml",
+          workers: tuple[int, ...] = (1, 2), large_every: int = 40) -> dict[str, Any]:
+    """``reports/benchmark/survey.{json,md,png}``: one ``wpcrack predict`` process against this flow at
+    each of ``workers``, then a flow killed halfway and finished (``wpcrack.diagnostics.survey_bench``)."""
+    import shutil
+
+    from wpcrack.diagnostics import survey_bench as sb
+
+    work_dir = Path(work).resolve()
+    folder = work_dir / "photos"
+    made = sb.make_photos(sb.test_photos(params), folder, photos, large_every)
+    print(f"survey bench: {made['photos']} photos ({made['large']} of about 12 MP) in {folder}")
+
+    def fresh(name: str) -> Path:
+        path = work_dir / name
+        shutil.rmtree(path, ignore_errors=True)
+        return path
+
+    def flow_cmd(target: Path, n: int) -> list[str]:
+        return [sys.executable, "-m", "pipelines.survey", "run", str(folder), "--out", str(target), "--workers", str(n),
+                "--model", model, "--dataset", dataset, "--params", params]
+
+    seconds = sb.timed([sys.executable, "-m", "wpcrack", "predict", str(folder), "--model", model, "--dataset", dataset,
+                        "--params", params, "--out", str(fresh("predict"))], work_dir / "predict.log")
+    print(f"survey bench: wpcrack predict {photos / seconds:.2f} photos/s")
+    per_s, peak = {}, 0.0
+    for n in workers:
+        log = work_dir / f"flow-{n}.log"
+        per_s[str(n)] = photos / sb.timed(flow_cmd(fresh(f"flow-{n}"), n), log)
+        peak = max(peak, sb.peak_mb(log))
+        print(f"survey bench: flow at {n} worker(s) {per_s[str(n)]:.2f} photos/s, peak {peak:.0f} MB per worker")
+    target, n = fresh("killed"), max(workers)
+    killed_at = sb.kill_halfway(flow_cmd(target, n), target / "rows", photos, work_dir / "killed.log")
+    before = sb.row_stamps(target / "rows")
+    sb.timed(flow_cmd(target, n), work_dir / "resumed.log")
+    figures = {"photos": photos, "predict_photos_per_s": photos / seconds, "flow_photos_per_s": per_s,
+               "resume": sb.resume_check(before, target, photos), "peak_worker_mb": peak}
+    sb.write(Path(out), figures, made, {"environment": sb.environment_note(), "killed_at": killed_at})
+    print(f"survey bench: killed after {killed_at} rows, resumed: {figures['resume']} -> {Path(out).with_suffix('.json')}")
+    return figures
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # the workers' start and stop chatter
     parser = argparse.ArgumentParser(prog="python -m pipelines.survey", description=__doc__.splitlines()[0])
@@ -182,7 +224,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-size", type=int, default=8, help="photos per Prefect task (default: 8)")
     p.add_argument("--max-megapixels", type=float, default=50.0, help="larger photos are refused (default: 50)")
     p.add_argument("--torch", action="store_true", help="detect with torch instead of the ONNX export")
+    p = sub.add_parser("bench", help="photos/s of one wpcrack predict process and of this flow at 1 and 2 workers, "
+                                     "and a kill halfway -> reports/benchmark/survey.{json,md,png}")
+    p.add_argument("--photos", type=int, default=1000, help="photos made from the test splits (default: 1000)")
+    p.add_argument("--model", default="models/deepcrack/full", help="model folder (default: %(default)s)")
+    p.add_argument("--dataset", default="deepcrack")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="flow workers to time (default: 1 2)")
+    p.add_argument("--large-every", type=int, default=40, help="every N-th photo enlarged to 12 MP (default: 40)")
+    p.add_argument("--work", default=".wpcrack/survey-bench", help="photos and runs (default: %(default)s)")
+    p.add_argument("--out", default="reports/benchmark/survey", help="output stem (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        try:
+            print(bench(args.photos, args.out, args.work, args.model, args.dataset, args.params, tuple(args.workers),
+                        args.large_every))
+        except WpcrackError as exc:
+            print(f"survey bench: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     for name in ("workers", "threads", "shard_size"):
         value = getattr(args, name)
         if value is not None and value < 1:

@@ -86,7 +86,8 @@ def has_stage(root: str | Path, name: str) -> bool:
     import yaml
 
     base, _, item = name.partition("@")
-    stage = (yaml.safe_load((Path(root) / "dvc.yaml").read_text()).get("stages") or {}).get(base)
+    path = Path(root) / "dvc.yaml"
+    stage = ((yaml.safe_load(path.read_text()) or {}).get("stages") or {}).get(base) if path.is_file() else None
     if not stage:
         return False
     items = stage.get("foreach")

@@ -64,6 +64,7 @@ def project(tmp_path, prefect_server) -> Path:
     root.mkdir()
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["tracking"]["model_name_prefix"] = f"t{hashlib.sha256(str(root).encode()).hexdigest()[:8]}"
+    params["retrain"]["incoming_scale"] = "square"  # FakeStages' best.pt is no model to choose a scale with
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
         subprocess.run(cmd, cwd=root, check=True, env=_git_env())

@@ -297,6 +297,11 @@ def write_index(pages_dir: Path, out: Path) -> Path:
          f"({_relative(pages_dir / 'generalisation.md', out)}).\n"
          if (pages_dir / "generalisation.md").is_file() else
          "No generalisation page yet (`dvc repro generalisation` scores the models through predict's default path).\n"),
+        "\n## Adaptation\n",
+        (f"What a retraining on 200 tagged CRACK500 photos buys the DeepCrack champion on CRACK500's roads, "
+         f"with a shuffled-tags control: [adaptation]({_relative(pages_dir / 'adaptation.md', out)}).\n"
+         if (pages_dir / "adaptation.md").is_file() else
+         "No adaptation page yet (`python -m pipelines.adaptation run`).\n"),
         "\n## How our setting differs from the paper\n",
         DIFFERENCES,
     ]
