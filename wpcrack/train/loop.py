@@ -526,7 +526,8 @@ def _take_over(out_dir: Path, cfg: Config, prints: dict[str, str], resume: bool 
         if resume:
             raise TrainingError(f"{path}: {reason}; train without --resume to start over")
         if world.is_main:
-            print(f"{path}: {reason}: training from scratch", file=sys.stderr, flush=True)
+            begin = "from the start model" if prints.get("init") else "from scratch"
+            print(f"{path}: {reason}: training {begin}", file=sys.stderr, flush=True)
     if world.is_main:
         (out_dir / checkpoint.BEST).unlink(missing_ok=True)  # never let a previous run's model survive
     return RunState(world_size=world.size), {}
