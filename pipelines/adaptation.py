@@ -34,6 +34,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from pipelines.retrain import retrain
+from wpcrack.dvc import run_dvc, tool_env
 from wpcrack.errors import DataError, WpcrackError
 from wpcrack.evaluate import adaptation
 
@@ -57,9 +58,9 @@ def _link_tree(source: Path, dest: Path) -> None:
     shutil.copytree(source, dest, copy_function=link, symlinks=False)
 
 
-def _run(cmd: list[str], cwd: Path) -> None:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+def _git(args: list[str], cwd: Path) -> None:
+    cmd = ["git", *args]
+    done = subprocess.run(cmd, cwd=cwd, env=tool_env(), capture_output=True, text=True)
     if done.returncode:
         raise WpcrackError(f"`{' '.join(cmd)}` in {cwd} exited with {done.returncode}: {done.stderr[-2000:]}")
 
@@ -89,10 +90,12 @@ def make_project(source: str, folder: str, arm: str, mode: str, field_photos: li
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     adaptation.make_field_set(field_photos, field, root / "data" / "field" / adaptation.FIELD_SET, seed)
     (root / ".gitignore").write_text("/data/\n/models/\n/results/\n/reports/\n/.wpcrack/\n/mlflow.db\n/mlartifacts/\n")
-    cache = subprocess.run(["dvc", "cache", "dir"], cwd=src, capture_output=True, text=True).stdout.strip()
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "cache", "dir", "--local", cache], ["git", "add", "-A"],
-                ["git", "-c", "user.name=adaptation", "-c", "user.email=adaptation@localhost", "commit", "-qm", arm]):
-        _run(cmd, root)
+    cache = run_dvc(["cache", "dir"], src).strip()
+    _git(["init", "-q"], root)
+    run_dvc(["init", "-q"], root)
+    run_dvc(["cache", "dir", "--local", cache], root)
+    _git(["add", "-A"], root)
+    _git(["-c", "user.name=adaptation", "-c", "user.email=adaptation@localhost", "commit", "-qm", arm], root)
     return str(root)
 
 

@@ -34,13 +34,19 @@ def dvc_executable() -> str:
     return str(beside) if beside.exists() else "dvc"
 
 
+def tool_env(**extra: str) -> dict[str, str]:
+    """The environment for a subprocess of this project's tools (``dvc``, ``wpcrack``, ``git``): this
+    Python's environment first on PATH, DVC's analytics off, plus ``extra``."""
+    return {**os.environ, "DVC_NO_ANALYTICS": "1",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **extra}
+
+
 def run_dvc(args: Sequence[str], cwd: str | Path = ".") -> str:
     """Run ``dvc <args>`` in ``cwd``, streaming its output; raise DvcFailed on a non-zero exit
     (``check=True`` semantics, keeping the output's tail for the error). Stage commands
     (``wpcrack ...``) resolve to this Python's environment even when it is not activated."""
     cmd = [dvc_executable(), *args]
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = tool_env()
     tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
     with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, errors="replace") as proc:

@@ -31,12 +31,9 @@ def weighted_median(values: list[float], weights: list[float]) -> float:
 
 def calibrate(cfg: Config, model_dir: Path, rows_per_source: int = 120, seed: int = 0) -> dict:
     """Measure and write ``model_dir/scale.json``; returns its content."""
-    import cv2
-
     from wpcrack.data.manifest import load_manifest
     from wpcrack.deploy.detection import GatedDetector, SCALE_FILE, load_model_dir, weights_digest
-    from wpcrack.deploy.measure import skeletonize
-    from wpcrack.deploy.scale import ridge_width
+    from wpcrack.deploy.scale import photo_crack_width
     from wpcrack.inference.tiles import predict_image
 
     if not (model_dir / "best.pt").is_file():
@@ -54,8 +51,7 @@ def calibrate(cfg: Config, model_dir: Path, rows_per_source: int = 120, seed: in
         picked = group.sample(min(rows_per_source, len(group)), random_state=seed)
         for image in picked["image"]:
             rgb = read_image(root / image)
-            found = predict_image(probe, rgb, model_cfg) > model_cfg.evaluate.threshold
-            width = ridge_width(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), skeletonize(found))
+            width = photo_crack_width(rgb, predict_image(probe, rgb, model_cfg), model_cfg.evaluate.threshold)
             if width is not None:
                 widths.setdefault(str(source), []).append(width)
     if not widths:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -67,8 +66,9 @@ def make_photos(sources: list[Path], out: Path, count: int, large_every: int = 4
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "DVC_NO_ANALYTICS": "1", "DASK_LOGGING__DISTRIBUTED": "warning",
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    from wpcrack.dvc import tool_env
+
+    return tool_env(DASK_LOGGING__DISTRIBUTED="warning")
 
 
 def timed(cmd: list[str], log: Path) -> float:
@@ -165,9 +165,9 @@ def page(figures: dict[str, Any], made: dict[str, Any], details: dict[str, Any])
         f"again with the same command: {resume['processed_twice']} photos processed twice, {resume['missing']} "
         f"missing. Peak memory of a worker: {figures['peak_worker_mb']:.0f} MB (its largest photos are 12 MP).",
         "",
-        "Why the flow is faster on the same cores: it detects with ONNX Runtime (about 3x torch per tile on",
-        "the CPU) and keeps both cores busy with one photo each, where one predict process spends much of",
-        "its time in single-threaded steps (decoding, the scale choice's width measure, the outputs).",
+        "What differs on the same cores: the flow detects with ONNX Runtime and gives each worker its own",
+        "photos and cores, while one predict process runs torch over both cores and also spends time in",
+        "single-threaded steps (decoding, the scale choice's width measure, the outputs).",
         "On a larger cluster the rate grows with the workers as long as each worker has its own cores and",
         "the photos' storage keeps up: photos are independent, one shard of 8 is one Prefect task, and no",
         "worker waits on another. What does not grow is the fixed cost (the scheduler, one ONNX export per",
