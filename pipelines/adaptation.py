@@ -1,6 +1,6 @@
 """The adaptation experiment as a flow: the retrain flow run for real on a public stand-in for a team.
 
-Each arm copies the project into ``<work>/<arm>`` (code, stages, params, dvc.lock, the DeepCrack
+Each arm copies the project into ``<work>/<mode>/<arm>`` (code, stages, params, dvc.lock, the DeepCrack
 model and results; hard links to the raw and prepared data; this project's DVC cache, so its finished
 stages stay finished), registers the DeepCrack full model there as the champion of its own registered model, puts a field set of
 CRACK500 val photos in ``data/field/`` and runs ``pipelines.retrain`` (intake, DVC, MLflow, the gate)
@@ -14,7 +14,10 @@ Every arm shares one MLflow store (``<work>/mlflow.db``); nothing of this projec
 models, its dvc.lock) changes. Writes ``docs/results/adaptation.json`` and ``.md``.
 
     python -m pipelines.adaptation run                 # 200 photos, control, 50 photos; retrain.mode of params.yaml
-    python -m pipelines.adaptation run --mode scratch  # the same with retraining from scratch
+    python -m pipelines.adaptation run --mode scratch --no-control --sizes   # the 200 photos retrained from
+                                                       # scratch: adaptation-scratch.{json,md}, compared on both pages
+    python -m pipelines.adaptation arm weekly --photos 50   # one arm set up, not run: for the retrain
+                                                       # flow's deployment (docs/operations.md)
 """
 
 from __future__ import annotations
@@ -147,20 +150,39 @@ def _store(uri: str):
             os.environ["MLFLOW_TRACKING_URI"] = old
 
 
+def prepare_arm(source: Path, work_dir: Path, arm: str, mode: str, count: int, shuffled: bool, train_photos: list,
+                field_photos: list, field: int, seed: int) -> tuple[str, int, Path, dict]:
+    """An arm's project (``<work>/<mode>/<arm>``) with its champion registered, and its batch
+    (``<work>/<mode>/<arm>-batch``): (project, champion version, batch folder, batch composition)."""
+    folder = work_dir / mode
+    project = make_project(str(source), str(folder / arm), f"{mode}-{arm}", mode, field_photos, field, seed)
+    champion = register_champion(project)
+    batch_dir = folder / f"{arm}-batch"
+    return project, champion, batch_dir, adaptation.make_batch(train_photos, count, batch_dir, seed, shuffled)
+
+
+def _photos(source: Path) -> tuple[list, list]:
+    from wpcrack.config import load_config
+
+    data = Path(load_config(source / "params.yaml", dataset=DATASET).paths.data)
+    data = data if data.is_absolute() else source / data
+    return adaptation.items(data, "train"), adaptation.items(data, "val")
+
+
 @flow(name="wpcrack-adaptation", log_prints=True)
 def run_experiment(root: str = ".", work: str = ".wpcrack/adaptation", photos: int = 200, sizes: tuple[int, ...] = (50,),
-                   field: int = 20, mode: str | None = None, out: str = "docs/results/adaptation", seed: int = 0,
+                   field: int = 20, mode: str | None = None, out: str | None = None, seed: int = 0,
                    control: bool = True) -> dict:
-    """The arms (see the module docstring), their figures, and the page."""
-    from wpcrack.config import load_config, load_retrain
+    """The arms (see the module docstring), their figures, and the page: ``out`` (default
+    ``docs/results/adaptation`` in params.yaml's ``retrain.mode``, ``adaptation-<mode>`` in another)."""
+    from wpcrack.config import load_retrain
     from wpcrack.train.loop import _hardware
 
     source, work_dir = Path(root).resolve(), Path(root).resolve() / work
-    mode = mode or load_retrain(source / "params.yaml").mode
-    data = Path(load_config(source / "params.yaml", dataset=DATASET).paths.data)
-    data = data if data.is_absolute() else source / data
-    train_photos = adaptation.items(data, "train")
-    field_photos = adaptation.items(data, "val")
+    weekly = load_retrain(source / "params.yaml").mode
+    mode = mode or weekly
+    out = out or ("docs/results/adaptation" if mode == weekly else f"docs/results/adaptation-{mode}")
+    train_photos, field_photos = _photos(source)
     plan = [("tagged", photos, False)] + ([("control", photos, True)] if control else [])
     plan += [(f"tagged-{n}", n, False) for n in sizes]
     arms: dict[str, dict] = {}
@@ -168,10 +190,8 @@ def run_experiment(root: str = ".", work: str = ".wpcrack/adaptation", photos: i
     work_dir.mkdir(parents=True, exist_ok=True)
     with _store(f"sqlite:///{work_dir / 'mlflow.db'}"):
         for arm, count, shuffled in plan:
-            project = make_project(str(source), str(work_dir / arm), arm, mode, field_photos, field, seed)
-            champion = register_champion(project)
-            batch_dir = work_dir / f"{arm}-batch"
-            batch = adaptation.make_batch(train_photos, count, batch_dir, seed, shuffled)
+            project, champion, batch_dir, batch = prepare_arm(source, work_dir, arm, mode, count, shuffled,
+                                                              train_photos, field_photos, field, seed)
             start = time.perf_counter()
             result = retrain(str(batch_dir), dataset=DATASET, root=project, min_side=32)
             minutes = (time.perf_counter() - start) / 60
@@ -197,6 +217,24 @@ def run_experiment(root: str = ".", work: str = ".wpcrack/adaptation", photos: i
     return adaptation.summary(arms, before)
 
 
+def _arm(args: argparse.Namespace) -> int:
+    from wpcrack.config import load_retrain
+
+    source = Path(args.root).resolve()
+    work_dir = source / args.work
+    mode = args.mode or load_retrain(source / "params.yaml").mode
+    work_dir.mkdir(parents=True, exist_ok=True)
+    store = f"sqlite:///{work_dir / 'mlflow.db'}"
+    with _store(store):
+        project, champion, batch_dir, batch = prepare_arm(source, work_dir, args.name, mode, args.photos, args.shuffled,
+                                                          *_photos(source), args.field, 0)
+    print(f"arm {args.name}: project {project} (retrain.mode {mode}, field set {adaptation.FIELD_SET}), champion "
+          f"version {champion}; batch {batch_dir}: {batch['crack']} crack, {batch['no_crack']} no_crack\n"
+          f"  export MLFLOW_TRACKING_URI={store}\n"
+          f"  python -m pipelines.retrain run {batch_dir} --root {project} --min-side 32")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.adaptation", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -208,9 +246,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--field", type=int, default=20, help="CRACK500 val photos in the field set (default: 20)")
     p.add_argument("--mode", choices=("scratch", "finetune"), help="retrain.mode (default: params.yaml's)")
     p.add_argument("--no-control", action="store_true", help="skip the shuffled-tags control")
-    p.add_argument("--out", default="docs/results/adaptation", help="output stem (default: %(default)s)")
+    p.add_argument("--out", help="output stem (default: docs/results/adaptation in params.yaml's retrain.mode, "
+                   "docs/results/adaptation-<mode> in another)")
+    p = sub.add_parser("arm", help="set up one arm (project, champion, field set, batch) without retraining")
+    p.add_argument("name")
+    p.add_argument("--root", default=".", help="the wpcrack repository (default: .)")
+    p.add_argument("--work", default=".wpcrack/adaptation", help="the arms' projects, under --root")
+    p.add_argument("--photos", type=int, default=200, help="images in the tagged batch (default: 200)")
+    p.add_argument("--field", type=int, default=20, help="CRACK500 val photos in the field set (default: 20)")
+    p.add_argument("--mode", choices=("scratch", "finetune"), help="retrain.mode (default: params.yaml's)")
+    p.add_argument("--shuffled", action="store_true", help="shuffle the tags (a batch the gate must reject)")
     args = parser.parse_args(argv)
     try:
+        if args.command == "arm":
+            return _arm(args)
         print(run_experiment(args.root, args.work, args.photos, tuple(args.sizes), args.field, args.mode, args.out,
                              control=not args.no_control))
     except WpcrackError as exc:

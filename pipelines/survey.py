@@ -82,6 +82,16 @@ def shards(paths: list[Path], size: int) -> list[list[str]]:
 ADDRESS_ENV, WORKERS_ENV = "WPCRACK_DASK_ADDRESS", "WPCRACK_DASK_WORKERS"
 
 
+def _keep_malloc_defaults() -> None:
+    """Spawn the LocalCluster's workers without Dask's ``MALLOC_TRIM_THRESHOLD_=65536``: a fixed trim
+    threshold turns off glibc's adaptive mmap threshold, so every tile-sized array is mmapped and unmapped
+    again (on 2 cores a worker spent more time in page faults than in the model: 3 s a photo, not 1).
+    A variable set in this process's environment still wins, as Dask documents."""
+    import dask
+
+    dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
+
+
 def task_runner(workers: int | None = None, address: str | None = None):
     """prefect-dask's runner: the cluster at ``address``, or a LocalCluster of ``workers`` processes
     (default: one per core) with one Dask thread each (torch / ONNX Runtime threads are set inside).
@@ -92,6 +102,7 @@ def task_runner(workers: int | None = None, address: str | None = None):
     if address:
         return DaskTaskRunner(address=address)
     workers = workers or int(os.environ.get(WORKERS_ENV) or 0) or os.cpu_count() or 1
+    _keep_malloc_defaults()
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
         "n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None})
 
@@ -202,7 +213,9 @@ def bench(photos: int, out: str, work: str, model: str, dataset: str = "deepcrac
     sb.timed(flow_cmd(target, n), work_dir / "resumed.log")
     figures = {"photos": photos, "predict_photos_per_s": photos / seconds, "flow_photos_per_s": per_s,
                "resume": sb.resume_check(before, target, photos), "peak_worker_mb": peak}
-    sb.write(Path(out), figures, made, {"environment": sb.environment_note(), "killed_at": killed_at})
+    details = {"environment": sb.environment_note(), "killed_at": killed_at,
+               "agreement": sb.agreement(work_dir / "predict" / "predictions.csv", work_dir / f"flow-{n}" / "survey.parquet")}
+    sb.write(Path(out), figures, made, details)
     print(f"survey bench: killed after {killed_at} rows, resumed: {figures['resume']} -> {Path(out).with_suffix('.json')}")
     return figures
 

@@ -95,6 +95,29 @@ def test_the_figures_have_exactly_the_issue_keys_and_the_page_every_arm(tmp_path
     assert "tags shuffled (50 % right)" in page and "| champion (before) | 30.0 | 36.0 | 69.3 |" in page
 
 
+
+def test_each_mode_has_its_own_page_and_both_pages_compare_the_modes(tmp_path):
+    scores = lambda f, t, b: {"field": f, "target_test": t, "benchmark_test": b}  # noqa: E731
+    before = scores(30, 36, 69.3)
+
+    def arm(mode, after, minutes):
+        return {"tagged": {"batch": {"images": 200, "shuffled": False, "tags_right": 1.0}, "after": after,
+                           "decision": "promoted", "minutes": minutes, "mode": mode}}
+
+    finetune, scratch = arm("finetune", scores(42, 46, 69.6), 12.8), arm("scratch", scores(45, 47, 69.4), 58.04)
+    adaptation.write(tmp_path / "adaptation", adaptation.summary(finetune, before), finetune)
+    assert "Against the other" not in (tmp_path / "adaptation.md").read_text()  # nothing to compare with yet
+    main_json = (tmp_path / "adaptation.json").read_text()
+    adaptation.write(tmp_path / "adaptation-scratch", adaptation.summary(scratch, before), scratch)
+    assert (tmp_path / "adaptation.json").read_text() == main_json
+    page = (tmp_path / "adaptation-scratch.md").read_text()
+    assert "`retrain.mode: scratch`" in page
+    assert "| scratch | 200 | 45.0 | 47.0 | 69.4 | promoted | 58.0 | this page |" in page
+    assert "| finetune | 200 | 42.0 | 46.0 | 69.6 | promoted | 12.8 | [adaptation](adaptation.md) |" in page
+    adaptation.write(tmp_path / "adaptation", adaptation.summary(finetune, before), finetune)
+    assert "| scratch | 200 | 45.0 | 47.0 | 69.4 | promoted | 58.0 | [adaptation-scratch](adaptation-scratch.md) |" \
+        in (tmp_path / "adaptation.md").read_text()
+
 # --- the flow for real (slow: a source project trained, then two retrain flows) ----------------------
 
 
@@ -174,13 +197,13 @@ def test_the_experiment_runs_the_retrain_flow_per_arm_and_leaves_the_project_alo
     client = mlflow.MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     champion_md5 = md5(root / "models" / "deepcrack" / "full" / "best.pt")
     for arm in ("tagged", "control", "tagged-2"):  # each arm: its own project and registered model
-        versions = client.search_model_versions(f"name = 'adaptation-{arm}-deepcrack'")
+        versions = client.search_model_versions(f"name = 'adaptation-finetune-{arm}-deepcrack'")
         champion, challenger = sorted(versions, key=lambda v: int(v.version))
         assert challenger.tags["gate_decision"] in ("promoted", "kept_champion")
         assert challenger.tags["weights_md5"] != champion.tags["weights_md5"]  # a new model...
         trained = client.get_run(challenger.run_id).data.params
         assert trained["start.init_md5"] == champion_md5 and trained["train.epochs"] == "1"  # ...continued from it
-        manifest = (work / arm / "data" / "incoming" / "deepcrack" / "manifest.csv").read_text().splitlines()
+        manifest = (work / "finetune" / arm / "data" / "incoming" / "deepcrack" / "manifest.csv").read_text().splitlines()
         assert len(manifest) == 1 + {"tagged": 4, "control": 4, "tagged-2": 2}[arm]
         assert all(row.split(",")[13] for row in manifest[1:])  # each stored at the scale predict chose
     assert {p: p.read_bytes() for p in kept} == kept  # the project's own lock and models untouched

@@ -57,9 +57,15 @@ def test_export_checks_against_torch_and_runs_at_other_sizes(project, capsys):
     with torch.inference_mode():
         assert onnx(x).shape == (2, 1, 40, 72)
         assert float((onnx(x) - torch_model.cpu()(x)).abs().max()) < 1e-4
+    assert report["classifier"] == str((project / "slim.classifier.onnx").resolve())
+    for shape in ((3, 3, 40, 72), (1, 3, 37, 61)):  # the classifier graph: any side, not only multiples of 8
+        x = torch.randn(*shape)
+        with torch.inference_mode():
+            assert onnx.classify(x).shape == (shape[0],)
+            assert float((onnx.classify(x) - torch_model.cpu().classify(x)).abs().max()) < 1e-5
 
 
-def test_predict_runs_an_onnx_export_and_refuses_the_gate(project, tmp_path, capsys):
+def test_predict_runs_an_onnx_export_and_its_gate_only_with_the_classifier_graph(project, tmp_path, capsys):
     out = project / "slim.onnx"
     if not out.is_file():
         pytest.skip("needs the export of the test above")
@@ -69,10 +75,17 @@ def test_predict_runs_an_onnx_export_and_refuses_the_gate(project, tmp_path, cap
                  "--params", str(project / "params.yaml")]) == 0
     assert (tmp_path / "pred" / "road_mask.png").is_file()
     assert json.loads((tmp_path / "pred" / "predictions.json").read_text())["model"] == str(out.resolve())
-    code = main(["predict", str(photo.parent), "--model", str(out), "--out", str(tmp_path / "gated"),
-                 "--params", str(project / "params.yaml"), "--gate"])
-    assert code != 0 and "run without --gate" in capsys.readouterr().err
-    assert not (tmp_path / "gated").exists()  # refused before anything was written
+    assert main(["predict", str(photo.parent), "--model", str(out), "--out", str(tmp_path / "gated"),
+                 "--params", str(project / "params.yaml"), "--gate", "0.5"]) == 0
+    assert (tmp_path / "gated" / "road_mask.png").is_file()
+    alone = tmp_path / "alone" / "slim.onnx"  # the detector graph without its classifier beside it
+    alone.parent.mkdir()
+    alone.write_bytes(out.read_bytes())
+    capsys.readouterr()
+    code = main(["predict", str(photo.parent), "--model", str(alone), "--out", str(tmp_path / "refused"),
+                 "--params", str(project / "params.yaml"), "--gate", "0.5"])
+    assert code != 0 and "slim.classifier.onnx" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()  # refused before anything was written
 
 
 def test_a_file_that_is_not_onnx_is_a_clear_error(tmp_path):

@@ -86,6 +86,40 @@ def test_skeleton_is_thin_and_connected():
     assert not (skeleton[:-1, :-1] & skeleton[1:, :-1] & skeleton[:-1, 1:] & skeleton[1:, 1:]).any()
 
 
+
+def _zhang_suen_by_the_paper(mask: np.ndarray) -> np.ndarray:
+    """Zhang & Suen (1984) pixel by pixel over the whole image each sub-step: the reference."""
+    img = np.pad(mask.astype(bool), 1)
+    changed = True
+    while changed:
+        changed = False
+        for step in (0, 1):
+            delete = []
+            for y, x in zip(*np.nonzero(img), strict=True):
+                p2, p3, p4, p5, p6, p7, p8, p9 = (img[y - 1, x], img[y - 1, x + 1], img[y, x + 1], img[y + 1, x + 1],
+                                                  img[y + 1, x], img[y + 1, x - 1], img[y, x - 1], img[y - 1, x - 1])
+                seq = [p2, p3, p4, p5, p6, p7, p8, p9, p2]
+                count, transitions = sum(seq[:-1]), sum(not a and b for a, b in zip(seq, seq[1:]))
+                guard = (p2 and p4 and p6) or (p4 and p6 and p8) if step == 0 else (p2 and p4 and p8) or (p2 and p6 and p8)
+                if 2 <= count <= 6 and transitions == 1 and not guard:
+                    delete.append((y, x))
+            for y, x in delete:
+                img[y, x] = False
+            changed |= bool(delete)
+    return img[1:-1, 1:-1]
+
+
+def test_thinning_that_follows_the_front_equals_the_papers_whole_image_passes():
+    from wpcrack.deploy.measure import _zhang_suen
+
+    rng = np.random.default_rng(3)
+    masks = [_line((40, 40), (3, 5), (36, 30), 9), _line((30, 50), (15, 2), (15, 47), 6)]
+    for _ in range(20):
+        blobs = rng.random(tuple(rng.integers(4, 12, 2))) < 0.5
+        masks.append(cv2.resize(blobs.astype(np.uint8), None, fx=4, fy=4, interpolation=cv2.INTER_LINEAR))
+    for mask in masks:
+        assert (_zhang_suen(mask) == _zhang_suen_by_the_paper(mask)).all()
+
 def test_empty_mask_has_zero_statistics():
     stats = crack_stats(np.zeros((32, 32), np.uint8))
     assert stats["length_px"] == 0 and stats["max_width_px"] == 0 and stats["length_mm"] is None

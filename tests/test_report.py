@@ -98,6 +98,11 @@ def test_dataset_page_and_index(tmp_path):
     (pages / "generalisation.md").write_text("# Generalisation\n")
     index = report.write_index(pages, tmp_path / "docs" / "results.md").read_text()
     assert "[generalisation](results/generalisation.md)" in index
+    assert "No adaptation page yet" in index
+    (pages / "adaptation.md").write_text("# Adaptation\n")
+    (pages / "adaptation-scratch.md").write_text("# Adaptation\n")
+    index = report.write_index(pages, tmp_path / "docs" / "results.md").read_text()
+    assert "[adaptation](results/adaptation.md); scratch: [adaptation-scratch](results/adaptation-scratch.md)." in index
     assert "- [deepcrack](results/deepcrack.md)" in index and "dvc repro report@crack500" in index
     assert "- [2026-12-01](results/archive/2026-12-01.md)" in index
 

@@ -141,7 +141,8 @@ def test_flow_on_a_local_cluster_writes_the_table_map_and_summary_and_resumes(ph
     assert [f["geometry"]["coordinates"] for f in located] == [pytest.approx([151.2093, -33.8688], abs=1e-4)]
     assert located[0]["properties"]["path"].endswith("located.jpg")
     assert "# Survey: 9 photos" in (out / "summary.md").read_text() and (out / "summary.png").is_file()
-    assert len(list((out / ".model").glob("*.onnx"))) == 1  # exported once
+    exported = {p.name: p.stat().st_mtime_ns for p in (out / ".model").glob("*.onnx")}
+    assert len(exported) == 2 and len([n for n in exported if n.endswith(".classifier.onnx")]) == 1  # detector + classifier
 
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "rows").iterdir()}
     (out / "rows" / f"{survey.photo_key(photos / 'p3.png')}.json").unlink()  # as if killed before p3 was done
@@ -152,6 +153,7 @@ def test_flow_on_a_local_cluster_writes_the_table_map_and_summary_and_resumes(ph
     changed = [name for name in after if after[name] != stamps.get(name)]
     assert changed == [f"{survey.photo_key(photos / 'p3.png')}.json"]  # nothing done twice, nothing missing
     assert len(pd.read_parquet(out / "survey.parquet")) == 9
+    assert {p.name: p.stat().st_mtime_ns for p in (out / ".model").glob("*.onnx")} == exported  # exported once
 
     import mlflow
 

@@ -63,10 +63,22 @@ def test_the_figures_keep_exactly_the_benchmark_keys(tmp_path):
     figures = {"photos": 1000, "predict_photos_per_s": 1.0, "flow_photos_per_s": {"1": 1.2, "2": 2.1},
                "resume": {"processed_twice": 0, "missing": 0}, "peak_worker_mb": 1800.0}
     sb.write(tmp_path / "survey", figures, {"photos": 1000, "large": 25, "native": 975, "sources": 660},
-             {"environment": "CPU", "killed_at": 512})
+             {"environment": "CPU", "killed_at": 512,
+              "agreement": {"photos": 1000, "same_scale": 0.998, "crack_share_difference": 0.00012}})
     import json
 
     assert json.loads((tmp_path / "survey.json").read_text()) == figures
     page = (tmp_path / "survey.md").read_text()
     assert "| `python -m pipelines.survey run --workers 2` | 2.10 | 2.10x |" in page and "after 512 rows" in page
     assert (tmp_path / "survey.png").stat().st_size > 1000
+    assert "99.8 % of the 1000 photos got the" in page and "differ by 0.012 points" in page
+
+
+def test_agreement_compares_predicts_table_with_the_surveys_photo_by_photo(tmp_path):
+    pd.DataFrame({"image": ["/p/a.jpg", "/p/b.jpg", "/p/c.jpg"], "scale": [0.5, 0.25, 1.0],
+                  "crack_share": [0.10, 0.02, 0.0]}).to_csv(tmp_path / "predictions.csv", index=False)
+    pd.DataFrame({"path": ["/p/c.jpg", "/p/a.jpg", "/p/b.jpg"], "scale": [1.0, 0.500001, 0.5],
+                  "crack_share": [0.0, 0.12, 0.02]}).to_parquet(tmp_path / "survey.parquet")
+    found = sb.agreement(tmp_path / "predictions.csv", tmp_path / "survey.parquet")
+    assert found["photos"] == 3 and found["same_scale"] == pytest.approx(2 / 3)
+    assert found["crack_share_difference"] == pytest.approx(0.02 / 3)

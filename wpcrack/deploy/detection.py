@@ -165,7 +165,8 @@ class GatedDetector(torch.nn.Module):
 
 
 def supports_gate(detector: torch.nn.Module) -> bool:
-    """Whether ``detector`` has the classifier head that ``--gate`` needs (an ONNX export has not)."""
+    """Whether ``detector`` has the classifier head that ``--gate`` needs (an ONNX export only with
+    its classifier graph beside it)."""
     return callable(getattr(detector, "classify", None)) and getattr(detector, "cls_head", True) is not None
 
 
@@ -254,14 +255,16 @@ def probability_map(detector: torch.nn.Module, rgb: np.ndarray, cfg: Config, gat
 
     gated = GatedDetector(detector, check_gate(gate))
     choice, made = decide_scale(detector, rgb, cfg, scales, mm_per_pixel, chooser, gated)
-    total = np.zeros(rgb.shape[:2], dtype=np.float32)
+    total = None  # one photo-sized map at a time: a 12 MP photo's maps are 48 MB each
     for scale in choice.scales:
-        prob = made.get(scale)
+        prob = made.pop(scale, None)
         if prob is None:
             prob = predict_image(gated, resize_image(rgb, scaled_size(rgb.shape, scale)), cfg)
-        total += resize_map(prob, rgb.shape[:2])
+        full = resize_map(prob, rgb.shape[:2])
+        total = full if total is None else total + full
     views = len(FLIPS) if cfg.evaluate.flip else 1
-    return Prediction(total / len(choice.scales), gated.tiles // views, round(gated.skipped / views), choice)
+    mean = total if len(choice.scales) == 1 else total / len(choice.scales)
+    return Prediction(mean.astype(np.float32, copy=False), gated.tiles // views, round(gated.skipped / views), choice)
 
 
 ONNX_CONFIG_KEY = "wpcrack_config"  # ONNX metadata: the resolved configuration (YAML)
@@ -271,14 +274,29 @@ ONNX_WIDTH_KEY = "wpcrack_crack_width"  # ONNX metadata: the training crack widt
 ONNX_SIZE_MULTIPLE = 8
 
 
+def classifier_path(path: str | Path) -> Path:
+    """Where the export of a model's classifier head lies beside its detector graph ``path``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.classifier.onnx")
+
+
 class OnnxDetector(torch.nn.Module):
     """An ONNX export of the SlimDetector run by ONNX Runtime on the CPU, behind the torch interface
-    that tiling and ``probability_map`` use (tensor in, crack probabilities out)."""
+    that tiling and ``probability_map`` use (tensor in, crack probabilities out); with the classifier
+    graph (``classifier``) it also has ``classify``, as a gated torch model has."""
 
-    def __init__(self, session, path: Path):
+    def __init__(self, session, path: Path, classifier=None):
         super().__init__()
-        self.session, self.path = session, path
+        self.session, self.path, self.classifier = session, path, classifier
         self.input_name = session.get_inputs()[0].name
+        self.cls_head = True if classifier is not None else None  # what supports_gate looks for
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """[B] crack probability per image (the classifier graph takes any height and width)."""
+        if self.classifier is None:
+            raise RuntimeError(f"{self.path}: exported without its classifier ({classifier_path(self.path).name})")
+        array = x.detach().float().cpu().contiguous().numpy()
+        return torch.from_numpy(self.classifier.run(None, {"image": array})[0]).to(x.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
@@ -298,14 +316,19 @@ def load_onnx(path: str | Path, threads: int | None = None) -> tuple[OnnxDetecto
         raise DataError(path, "ONNX model not found")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
-    try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own unexported exception types
-        raise DataError(path, f"not a readable ONNX model ({str(exc).splitlines()[0][:200]})") from None
+
+    def session_of(file: Path):
+        try:
+            return ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own unexported exception types
+            raise DataError(file, f"not a readable ONNX model ({str(exc).splitlines()[0][:200]})") from None
+
+    session = session_of(path)
     text = session.get_modelmeta().custom_metadata_map.get(ONNX_CONFIG_KEY)
     if not text:
         raise DataError(path, f"ONNX model without the {ONNX_CONFIG_KEY!r} metadata; export it with `wpcrack export --onnx`")
-    detector = OnnxDetector(session, path)
+    beside = classifier_path(path)
+    detector = OnnxDetector(session, path, session_of(beside) if beside.is_file() else None)
     width = session.get_modelmeta().custom_metadata_map.get(ONNX_WIDTH_KEY)
     if width:
         setattr(detector, CRACK_WIDTH_ATTR, float(width))

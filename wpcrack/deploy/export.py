@@ -4,10 +4,13 @@ The export has a dynamic batch, height and width (any image size, like the torch
 resolved configuration in its metadata (so ``wpcrack predict --model model.onnx`` knows the
 threshold and tiling), and is checked against torch on images of the dataset's test split: the
 largest absolute difference of the crack probabilities is reported and written beside the file.
-The classifier gate is not exported (``--gate`` needs the torch model). The graph is traced for sides
-that are multiples of 8 (the backbone's output stride); ``OnnxDetector`` pads other sizes to the next
-multiple and crops the result, so along the bottom/right edge of such an image the probabilities
-differ slightly from torch's, which handles the remainder inside the network.
+The classifier head (a model sliced with its gate) goes into a second graph beside it,
+``<name>.classifier.onnx`` (image-level crack probability, any height and width): with it an ONNX
+model chooses predict's scale on the same classifier evidence as the torch model and takes
+``--gate``. The detector graph is traced for sides that are multiples of 8 (the backbone's output
+stride); ``OnnxDetector`` pads other sizes to the next multiple and crops the result, so along the
+bottom/right edge of such an image the probabilities differ slightly from torch's, which handles
+the remainder inside the network.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from wpcrack.deploy.detection import (
     ONNX_CONFIG_KEY,
     ONNX_SIZE_MULTIPLE,
     ONNX_WIDTH_KEY,
+    classifier_path,
     load_model_dir,
     load_onnx,
+    supports_gate,
     training_crack_width,
 )
 from wpcrack.errors import DataError
@@ -37,9 +42,22 @@ OPSET = 18
 CHECK_TOLERANCE = 1e-3  # largest |onnx - torch| crack probability accepted by the check
 
 
+class _Classifier(torch.nn.Module):
+    """The SlimDetector's image-level crack probability as a module's forward (what the export traces)."""
+
+    def __init__(self, detector: torch.nn.Module):
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.detector.classify(x)
+
+
 def export_onnx(detector: torch.nn.Module, cfg: Config, path: str | Path, size: int = 256) -> Path:
     """Write ``detector`` (a SlimDetector) to ``path`` with dynamic batch/height/width and ``cfg``
-    in the metadata; atomic, so a failed export leaves no half-written file."""
+    in the metadata, and its classifier head (when it has one) to ``classifier_path(path)``; atomic,
+    so a failed export leaves no half-written file (the classifier is written first: a detector file
+    never stands beside a stale classifier)."""
     import onnx
     import yaml
 
@@ -49,6 +67,16 @@ def export_onnx(detector: torch.nn.Module, cfg: Config, path: str | Path, size: 
     multiple = ONNX_SIZE_MULTIPLE
     if size % multiple:
         raise DataError("benchmark.size", f"the export's example size must be a multiple of {multiple}, got {size}")
+    classifier = classifier_path(path)
+    classifier.unlink(missing_ok=True)
+    if supports_gate(detector):
+        free = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height", min=16, max=8192),
+                3: torch.export.Dim("width", min=16, max=8192)}
+        with atomic_path(classifier) as tmp, torch.inference_mode():
+            program = torch.onnx.export(_Classifier(detector), (example,), input_names=["image"],
+                                        output_names=["crack_probability"], dynamic_shapes={"x": free},
+                                        opset_version=OPSET, dynamo=True, verbose=False)
+            onnx.save_model(program.model_proto, str(tmp))
     dims = {0: torch.export.Dim("batch"), 2: multiple * torch.export.Dim("height_cells"),
             3: multiple * torch.export.Dim("width_cells")}
     with atomic_path(path) as tmp, torch.inference_mode():
@@ -66,11 +94,15 @@ def export_onnx(detector: torch.nn.Module, cfg: Config, path: str | Path, size: 
 
 def max_abs_difference(detector: torch.nn.Module, onnx_detector: torch.nn.Module,
                        images: list[torch.Tensor]) -> float:
-    """Largest |onnx - torch| crack probability over ``images`` (normalised [3, H, W] tensors)."""
+    """Largest |onnx - torch| crack probability over ``images`` (normalised [3, H, W] tensors): of the
+    pixels, and of the image-level probability where both have the classifier."""
     worst = 0.0
+    both = supports_gate(detector) and supports_gate(onnx_detector)
     with torch.inference_mode():
         for x in images:
             worst = max(worst, float((detector(x[None]) - onnx_detector(x[None])).abs().max()))
+            if both:
+                worst = max(worst, float((detector.classify(x[None]) - onnx_detector.classify(x[None])).abs().max()))
     return worst
 
 
@@ -99,6 +131,7 @@ def export(cfg: Config, model_dir: Path, out: Path, check_images: int = 8) -> di
     report = {
         "model": str(Path(model_dir).resolve()), "onnx": str(Path(out).resolve()), "opset": OPSET,
         "export_seconds": seconds, "size_mb": Path(out).stat().st_size / 2**20,
+        "classifier": str(classifier_path(out).resolve()) if supports_gate(onnx_detector) else None,
         "check_images": names, "max_abs_difference": diff, "tolerance": CHECK_TOLERANCE,
         "passed": None if diff is None else diff <= CHECK_TOLERANCE,
     }

@@ -26,46 +26,99 @@ def _ring(img: np.ndarray) -> list[np.ndarray]:
             img[1:-1, :-2], img[2:, :-2], img[2:, 1:-1], img[2:, 2:]]
 
 
+# Bit k of a pixel's neighbourhood code is its k-th neighbour in ``_ring``'s order (E, NE, N, NW, W, SW,
+# S, SE); the thinning rules are tables over the 256 codes.
+_OFFSETS = ((0, 1), (-1, 1), (-1, 0), (-1, -1), (0, -1), (1, -1), (1, 0), (1, 1))  # (dy, dx) of E .. SE
+_CODES = (np.arange(256)[:, None] >> np.arange(8)) & 1  # [code, k]: the k-th neighbour is on
+E, NE, N, NW, W, SW, S, SE = (_CODES[:, k].astype(bool) for k in range(8))
+
+
+def _zhang_suen_tables() -> tuple[np.ndarray, np.ndarray]:
+    """Whether Zhang-Suen deletes a crack pixel with each neighbourhood code, in its two sub-steps."""
+    seq = [N, NE, E, SE, S, SW, W, NW, N]  # P2..P9, P2 of the paper
+    count = _CODES.sum(axis=1)
+    transitions = sum((~seq[i] & seq[i + 1]).astype(int) for i in range(8))
+    base = (count >= 2) & (count <= 6) & (transitions == 1)
+    return base & ~((N & E & S) | (E & S & W)), base & ~((N & E & W) | (N & S & W))
+
+
+def _staircase_table() -> np.ndarray:
+    """Whether a skeleton pixel is 8-simple and no endpoint (Yokoi connectivity number 1, >= 2 neighbours)."""
+    ring = [E, NE, N, NW, W, SW, S, SE]
+    off = [~v for v in ring] + [~ring[0], ~ring[1]]
+    yokoi = sum((off[k] & ~(off[k] & off[k + 1] & off[k + 2])).astype(int) for k in (0, 2, 4, 6))
+    return (yokoi == 1) & (_CODES.sum(axis=1) >= 2)
+
+
+ZHANG_SUEN, STAIRCASE = _zhang_suen_tables(), _staircase_table()
+
+
+def _codes(img: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """Neighbourhood codes of the pixels ``at`` (flat indices into ``img``, never on its border)."""
+    width = img.shape[1]
+    flat = img.reshape(-1)
+    code = np.zeros(at.size, dtype=np.uint8)
+    for k, (dy, dx) in enumerate(_OFFSETS):
+        code |= flat[at + (dy * width + dx)].astype(np.uint8) << k
+    return code
+
+
+def _unique(indices: np.ndarray, stamp: np.ndarray) -> np.ndarray:
+    """``indices`` without repeats, in linear time (``stamp``: scratch of one int per pixel): each
+    index keeps only the position it was last written at."""
+    order = np.arange(indices.size)
+    stamp[indices] = order
+    return indices[stamp[indices] == order]
+
+
+def _neighbourhood(img: np.ndarray, at: np.ndarray, stamp: np.ndarray) -> np.ndarray:
+    """The pixels of ``img`` that are on among the 8 neighbours of ``at`` (flat indices, unique)."""
+    width = img.shape[1]
+    near = _unique(np.concatenate([at + (dy * width + dx) for dy, dx in _OFFSETS]), stamp)
+    return near[img.reshape(-1)[near]]
+
+
+def _thin(mask: np.ndarray, tables: list[np.ndarray], subfields: list[np.ndarray | None]) -> np.ndarray:
+    """Delete, sub-step after sub-step until none deletes, the pixels whose neighbourhood code the
+    sub-step's table marks (all at once within a sub-step). A pixel's verdict can only change when its
+    neighbourhood does, so after the first pass each sub-step looks only at the neighbours of what was
+    deleted since it last ran: the thinning front, not the whole crack (a 12 MP photo's mask, with
+    cracks hundreds of pixels wide: under a second instead of ten)."""
+    img = np.pad(np.asarray(mask, dtype=bool), 1)
+    flat = img.reshape(-1)
+    stamp = np.empty(flat.size, dtype=np.int64)
+    everything = np.flatnonzero(flat)
+    pending = [everything] * len(tables)
+    while any(p.size for p in pending):
+        for step, (table, subfield) in enumerate(zip(tables, subfields, strict=True)):
+            at = pending[step]
+            at = at[flat[at]]
+            if subfield is not None:
+                at = at[subfield[at]]
+            pending[step] = at[:0]
+            deleted = at[table[_codes(img, at)]]
+            if deleted.size:
+                flat[deleted] = False
+                near = _neighbourhood(img, deleted, stamp)
+                pending = [_unique(np.concatenate([p, near]), stamp) if i != step else near
+                           for i, p in enumerate(pending)]
+    return img[1:-1, 1:-1]
+
+
 def _zhang_suen(mask: np.ndarray) -> np.ndarray:
-    """Zhang-Suen thinning (1984), vectorised: one-pixel-wide, connected, endpoints kept."""
-    img = np.pad(mask.astype(bool), 1)
-    while True:
-        changed = False
-        for step in (0, 1):
-            centre = img[1:-1, 1:-1]
-            e, ne, n, nw, w, sw, s, se = _ring(img)
-            seq = [n, ne, e, se, s, sw, w, nw, n]  # P2..P9, P2 of the paper
-            count = sum(v.astype(np.uint8) for v in seq[:-1])
-            transitions = sum((~seq[i] & seq[i + 1]).astype(np.uint8) for i in range(8))
-            keep = (n & e & s) | (e & s & w) if step == 0 else (n & e & w) | (n & s & w)
-            delete = centre & (count >= 2) & (count <= 6) & (transitions == 1) & ~keep
-            if delete.any():
-                img[1:-1, 1:-1] = centre & ~delete
-                changed = True
-        if not changed:
-            return img[1:-1, 1:-1]
+    """Zhang-Suen thinning (1984): one-pixel-wide, connected, endpoints kept."""
+    return _thin(mask, list(ZHANG_SUEN), [None, None])
 
 
 def _remove_staircases(skeleton: np.ndarray) -> np.ndarray:
     """Delete 8-simple non-endpoint pixels (Yokoi connectivity number 1) that Zhang-Suen leaves on
     diagonal runs; the four pixel-parity subfields are never 8-adjacent, so each is deleted in
     parallel without breaking connectivity."""
-    img = np.pad(skeleton, 1)
-    rows, cols = np.indices(skeleton.shape)
-    while True:
-        changed = False
-        for parity in ((0, 0), (0, 1), (1, 0), (1, 1)):
-            ring = _ring(img)
-            off = [~v for v in ring] + [~ring[0], ~ring[1]]
-            yokoi = sum((off[k] & ~(off[k] & off[k + 1] & off[k + 2])).astype(np.uint8) for k in (0, 2, 4, 6))
-            count = sum(v.astype(np.uint8) for v in ring)
-            subfield = (rows % 2 == parity[0]) & (cols % 2 == parity[1])
-            delete = img[1:-1, 1:-1] & (yokoi == 1) & (count >= 2) & subfield
-            if delete.any():
-                img[1:-1, 1:-1] &= ~delete
-                changed = True
-        if not changed:
-            return img[1:-1, 1:-1]
+    h, w = skeleton.shape[0] + 2, skeleton.shape[1] + 2
+    rows, cols = np.indices((h, w), sparse=True)
+    subfields = [(((rows - 1) % 2 == py) & ((cols - 1) % 2 == px)).reshape(-1)
+                 for py, px in ((0, 0), (0, 1), (1, 0), (1, 1))]
+    return _thin(skeleton, [STAIRCASE] * 4, subfields)
 
 
 def skeletonize(mask: np.ndarray) -> np.ndarray:

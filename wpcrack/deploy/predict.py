@@ -35,6 +35,7 @@ from wpcrack.deploy.detection import (
     DEFAULT_GATE,
     check_gate,
     check_scales,
+    classifier_path,
     device,
     load_model_dir,
     probability_map,
@@ -235,8 +236,9 @@ def predict(
     if flip is not None:
         cfg = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, flip=flip))
     if gate > 0 and not supports_gate(detector):
-        raise DataError(source, "this model has no classifier head for --gate (an ONNX export holds the "
-                        "detector only); run without --gate")
+        missing = (f"an ONNX export needs its classifier graph {classifier_path(source).name} beside it"
+                   if str(source).endswith(".onnx") else "the model was sliced without it")
+        raise DataError(source, f"this model has no classifier head for --gate ({missing}); run without --gate")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()

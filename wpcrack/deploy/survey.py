@@ -4,10 +4,10 @@ A season of survey photos is tens of thousands of 12 MP images. ``pipelines/surv
 over Dask workers; this module is what a worker does with one photo, and how the results are put
 together:
 
-- ``load_survey_model``: the model once per worker process. Detection runs through ONNX Runtime
-  when an export exists (``ensure_onnx`` writes one per model version into a cache folder, once,
-  before the workers start), torch otherwise; the scale is chosen by the torch model's classifier
-  exactly as ``wpcrack predict`` chooses it (an ONNX export has no classifier head).
+- ``load_survey_model``: the model once per worker process. It runs through ONNX Runtime when an
+  export exists (``ensure_onnx`` writes one per model version into a cache folder, once, before the
+  workers start), torch otherwise: the detector, and the classifier that chooses the scale exactly
+  as ``wpcrack predict`` chooses it (the classifier's graph beside the detector's).
 - ``process_photo``: reads the bytes once (SHA-256, truncation, decoding), refuses photos over
   ``max_pixels``, predicts, writes the mask and overlay as predict names them, and writes the
   photo's row last (``rows/<key>.json``, atomically). A row with the same model version and
@@ -85,7 +85,7 @@ def photo_key(path: Path) -> str:
 @dataclass
 class SurveyModel:
     detector: torch.nn.Module     # what predicts (ONNX Runtime or torch)
-    chooser: torch.nn.Module      # whose evidence chooses the scale (the torch model: it has the classifier)
+    chooser: torch.nn.Module      # whose classifier chooses the scale (the ONNX export with its classifier graph, else torch)
     cfg: Config
     version: str                  # registered version, or the weights' digest of a model folder
     engine: str                   # "onnxruntime" | "torch"
@@ -115,10 +115,11 @@ def settings_digest(cfg: Config, mm_per_pixel: float | None) -> str:
 def ensure_onnx(detector: torch.nn.Module, cfg: Config, cache: Path, weights_md5: str) -> Path | None:
     """The model's ONNX export in ``cache`` (written once per weights digest); None when it cannot be
     exported (the survey then runs on torch)."""
+    from wpcrack.deploy.detection import classifier_path, supports_gate
     from wpcrack.deploy.export import export_onnx
 
     path = cache / f"{weights_md5}.onnx"
-    if path.is_file():
+    if path.is_file() and (classifier_path(path).is_file() or not supports_gate(detector)):
         return path
     try:
         return export_onnx(detector, cfg, path)
@@ -129,11 +130,12 @@ def ensure_onnx(detector: torch.nn.Module, cfg: Config, cache: Path, weights_md5
 
 def load_survey_model(model: str, dataset: str, params: str | Path | None, onnx: str | Path | None,
                       threads: int | None = None, version: str | None = None) -> SurveyModel:
-    """The torch model (scale choice, and detection without ``onnx``) and, with ``onnx``, ONNX Runtime;
-    ``version`` as the flow named it once (else worked out here: weights digest, registry)."""
+    """The torch model, and with ``onnx`` its export run by ONNX Runtime, which then detects and, with
+    its classifier graph, chooses the scale too; ``version`` as the flow named it once (else worked out
+    here: weights digest, registry)."""
     import torch
 
-    from wpcrack.deploy.detection import load_onnx, weights_digest
+    from wpcrack.deploy.detection import load_onnx, supports_gate, weights_digest
     from wpcrack.deploy.predict import load_detector
 
     if threads:
@@ -142,7 +144,7 @@ def load_survey_model(model: str, dataset: str, params: str | Path | None, onnx:
     version = version or model_version(model, source, weights_digest(chooser))
     if onnx:
         detector, _ = load_onnx(onnx, threads)
-        return SurveyModel(detector, chooser, cfg, version, "onnxruntime")
+        return SurveyModel(detector, detector if supports_gate(detector) else chooser, cfg, version, "onnxruntime")
     return SurveyModel(chooser, chooser, cfg, version, "torch")
 
 

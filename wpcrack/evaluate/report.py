@@ -299,7 +299,9 @@ def write_index(pages_dir: Path, out: Path) -> Path:
          "No generalisation page yet (`dvc repro generalisation` scores the models through predict's default path).\n"),
         "\n## Adaptation\n",
         (f"What a retraining on 200 tagged CRACK500 photos buys the DeepCrack champion on CRACK500's roads, "
-         f"with a shuffled-tags control: [adaptation]({_relative(pages_dir / 'adaptation.md', out)}).\n"
+         f"with a shuffled-tags control: [adaptation]({_relative(pages_dir / 'adaptation.md', out)})"
+         + "".join(f"; {page.stem.removeprefix('adaptation-')}: [{page.stem}]({_relative(page, out)})"
+                   for page in sorted(pages_dir.glob("adaptation-*.md"))) + ".\n"
          if (pages_dir / "adaptation.md").is_file() else
          "No adaptation page yet (`python -m pipelines.adaptation run`).\n"),
         "\n## How our setting differs from the paper\n",
