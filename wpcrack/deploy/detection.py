@@ -263,8 +263,8 @@ def probability_map(detector: torch.nn.Module, rgb: np.ndarray, cfg: Config, gat
         full = resize_map(prob, rgb.shape[:2])
         total = full if total is None else total + full
     views = len(FLIPS) if cfg.evaluate.flip else 1
-    mean = total if len(choice.scales) == 1 else total / len(choice.scales)
-    return Prediction(mean.astype(np.float32, copy=False), gated.tiles // views, round(gated.skipped / views), choice)
+    mean = total if len(choice.scales) == 1 else total / len(choice.scales)  # float32 either way
+    return Prediction(mean, gated.tiles // views, round(gated.skipped / views), choice)
 
 
 ONNX_CONFIG_KEY = "wpcrack_config"  # ONNX metadata: the resolved configuration (YAML)
@@ -287,24 +287,25 @@ class OnnxDetector(torch.nn.Module):
 
     def __init__(self, session, path: Path, classifier=None):
         super().__init__()
-        self.session, self.path, self.classifier = session, path, classifier
-        self.input_name = session.get_inputs()[0].name
-        self.cls_head = True if classifier is not None else None  # what supports_gate looks for
+        self.session, self.path = session, path
+        self.cls_head = classifier  # the classifier graph's session, or None (what supports_gate reads)
+
+    @staticmethod
+    def _run(session, x: torch.Tensor) -> torch.Tensor:
+        array = x.detach().float().cpu().contiguous().numpy()
+        return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: array})[0]).to(x.device)
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """[B] crack probability per image (the classifier graph takes any height and width)."""
-        if self.classifier is None:
+        if self.cls_head is None:
             raise RuntimeError(f"{self.path}: exported without its classifier ({classifier_path(self.path).name})")
-        array = x.detach().float().cpu().contiguous().numpy()
-        return torch.from_numpy(self.classifier.run(None, {"image": array})[0]).to(x.device)
+        return self._run(self.cls_head, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         pad_h, pad_w = -h % ONNX_SIZE_MULTIPLE, -w % ONNX_SIZE_MULTIPLE
         x = torch.nn.functional.pad(x, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else x
-        array = x.detach().float().cpu().contiguous().numpy()
-        out = torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
-        return out[..., :h, :w].to(x.device)
+        return self._run(self.session, x)[..., :h, :w]
 
 
 def load_onnx(path: str | Path, threads: int | None = None) -> tuple[OnnxDetector, Config]:
