@@ -13,7 +13,7 @@ on a batch made by ``wpcrack.evaluate.adaptation``:
 Every arm shares one MLflow store (``<work>/mlflow.db``); nothing of this project (its registry, its
 models, its dvc.lock) changes. Writes ``docs/results/adaptation.json`` and ``.md``.
 
-    python -m pipelines.adaptation run                 # 200 photos, control, 50 photos; retrain.mode of params.yaml
+    python -m pipelines.adaptation run                 # 200 photos, control, 50 photos; retrain.mode finetune
     python -m pipelines.adaptation run --mode scratch --no-control --sizes   # the 200 photos retrained from
                                                        # scratch: adaptation-scratch.{json,md}, compared on both pages
     python -m pipelines.adaptation arm weekly --photos 50   # one arm set up, not run: for the retrain
@@ -169,19 +169,27 @@ def _photos(source: Path) -> tuple[list, list]:
     return adaptation.items(data, "train"), adaptation.items(data, "val")
 
 
+# The mode a team retrains in weekly, whose figures are the page of record (adaptation.json). It is not
+# params.yaml's retrain.mode: that one is also a parameter of the train stages, where scratch keeps
+# `dvc repro` training the benchmark models anew.
+WEEKLY_MODE = "finetune"
+
+
+def default_out(mode: str) -> str:
+    """The page of an experiment in ``mode``: the weekly mode's is the page of record."""
+    return "docs/results/adaptation" if mode == WEEKLY_MODE else f"docs/results/adaptation-{mode}"
+
+
 @flow(name="wpcrack-adaptation", log_prints=True)
 def run_experiment(root: str = ".", work: str = ".wpcrack/adaptation", photos: int = 200, sizes: tuple[int, ...] = (50,),
-                   field: int = 20, mode: str | None = None, out: str | None = None, seed: int = 0,
+                   field: int = 20, mode: str = WEEKLY_MODE, out: str | None = None, seed: int = 0,
                    control: bool = True) -> dict:
     """The arms (see the module docstring), their figures, and the page: ``out`` (default
-    ``docs/results/adaptation`` in params.yaml's ``retrain.mode``, ``adaptation-<mode>`` in another)."""
-    from wpcrack.config import load_retrain
+    ``default_out(mode)``)."""
     from wpcrack.train.loop import _hardware
 
     source, work_dir = Path(root).resolve(), Path(root).resolve() / work
-    weekly = load_retrain(source / "params.yaml").mode
-    mode = mode or weekly
-    out = out or ("docs/results/adaptation" if mode == weekly else f"docs/results/adaptation-{mode}")
+    out = out or default_out(mode)
     train_photos, field_photos = _photos(source)
     plan = [("tagged", photos, False)] + ([("control", photos, True)] if control else [])
     plan += [(f"tagged-{n}", n, False) for n in sizes]
@@ -218,11 +226,9 @@ def run_experiment(root: str = ".", work: str = ".wpcrack/adaptation", photos: i
 
 
 def _arm(args: argparse.Namespace) -> int:
-    from wpcrack.config import load_retrain
-
     source = Path(args.root).resolve()
     work_dir = source / args.work
-    mode = args.mode or load_retrain(source / "params.yaml").mode
+    mode = args.mode
     work_dir.mkdir(parents=True, exist_ok=True)
     store = f"sqlite:///{work_dir / 'mlflow.db'}"
     with _store(store):
@@ -244,9 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--photos", type=int, default=200, help="images in the tagged batch (default: 200)")
     p.add_argument("--sizes", type=int, nargs="*", default=[50], help="other batch sizes to report (default: 50)")
     p.add_argument("--field", type=int, default=20, help="CRACK500 val photos in the field set (default: 20)")
-    p.add_argument("--mode", choices=("scratch", "finetune"), help="retrain.mode (default: params.yaml's)")
+    p.add_argument("--mode", choices=("scratch", "finetune"), default=WEEKLY_MODE,
+                   help="retrain.mode (default: %(default)s)")
     p.add_argument("--no-control", action="store_true", help="skip the shuffled-tags control")
-    p.add_argument("--out", help="output stem (default: docs/results/adaptation in params.yaml's retrain.mode, "
+    p.add_argument("--out", help=f"output stem (default: {default_out(WEEKLY_MODE)} in {WEEKLY_MODE}, "
                    "docs/results/adaptation-<mode> in another)")
     p = sub.add_parser("arm", help="set up one arm (project, champion, field set, batch) without retraining")
     p.add_argument("name")
@@ -254,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=".wpcrack/adaptation", help="the arms' projects, under --root")
     p.add_argument("--photos", type=int, default=200, help="images in the tagged batch (default: 200)")
     p.add_argument("--field", type=int, default=20, help="CRACK500 val photos in the field set (default: 20)")
-    p.add_argument("--mode", choices=("scratch", "finetune"), help="retrain.mode (default: params.yaml's)")
+    p.add_argument("--mode", choices=("scratch", "finetune"), default=WEEKLY_MODE,
+                   help="retrain.mode (default: %(default)s)")
     p.add_argument("--shuffled", action="store_true", help="shuffle the tags (a batch the gate must reject)")
     args = parser.parse_args(argv)
     try:

@@ -4,8 +4,9 @@ The photos of a folder (recursive) or a CSV manifest (column ``path``) are split
 Prefect task each, run by prefect-dask's ``DaskTaskRunner``: a ``LocalCluster`` sized to this
 machine by default (``--workers``), or the Dask cluster a team already runs (``--dask-address``;
 its workers need this package and the photos and output folder at the same paths). Each worker
-loads the model once; detection runs through ONNX Runtime (exported once per model version into
-``<out>/.model/``), torch otherwise, and the scale is chosen per photo as ``wpcrack predict``
+loads the model once; detection runs through ONNX Runtime (exported once per model version into a
+cache, ``$WPCRACK_ONNX_CACHE`` or ``~/.cache/wpcrack/onnx``, and placed in ``<out>/.model/`` where every
+worker reads it), torch otherwise, and the scale is chosen per photo as ``wpcrack predict``
 chooses it. What a worker does with a photo is ``wpcrack.deploy.survey.process_photo``.
 
 Restarting the same command after a kill finishes the rest: a photo whose row exists for the same
@@ -20,6 +21,7 @@ model version and settings is not predicted again. Outputs in ``--out``: ``masks
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -31,32 +33,22 @@ from prefect.cache_policies import NO_CACHE
 
 from wpcrack.errors import WpcrackError
 
-_MODELS: dict[tuple, Any] = {}  # per worker process: the loaded model of each spec
-
-
-def worker_model(spec: dict[str, Any]):
-    """The model of ``spec``, loaded once per worker process."""
-    from wpcrack.deploy.survey import load_survey_model
-
-    key = tuple(sorted((k, str(v)) for k, v in spec.items()))
-    if key not in _MODELS:
-        _MODELS[key] = load_survey_model(spec["model"], spec["dataset"], spec["params"], spec["onnx"], spec["threads"],
-                                         spec["version"])
-    return _MODELS[key]
-
-
 @task(name="predict-shard", cache_policy=NO_CACHE, task_run_name="predict {paths[0]} (+{extra})")
 def predict_shard(paths: list[str], spec: dict[str, Any], out: str, mm_per_pixel: float | None,
                   max_pixels: int, extra: int = 0) -> list[dict[str, Any]]:
     """One shard of photos on one worker: their rows (and, on disk, their outputs)."""
     import resource
 
-    from wpcrack.deploy.survey import process_photo
+    from wpcrack.deploy.survey import LOADS, process_photo, release_free_memory, worker_model
 
     model = worker_model(spec)
-    rows = [process_photo(Path(p), model, Path(out), mm_per_pixel, max_pixels, spec["settings"]) for p in paths]
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return [{**r, "worker_peak_mb": peak_mb, "worker_pid": os.getpid()} for r in rows]
+    rows = []
+    for path in paths:
+        rows.append(process_photo(Path(path), model, Path(out), mm_per_pixel, max_pixels, spec["settings"]))
+        release_free_memory()
+    worker = {"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "pid": os.getpid(),
+              "model_loads": LOADS["models"]}
+    return [{**r, "worker": worker} for r in rows]
 
 
 def prepare_model(model: str, dataset: str, params: str | None, out: Path, onnx: bool,
@@ -130,23 +122,25 @@ def survey(photos: str, out: str, model: str = "champion", dataset: str = "deepc
     todo = [p for p in listed if rows[str(p)] is None]
     print(f"survey: {len(listed)} photos, {len(listed) - len(todo)} done by an earlier run, {len(todo)} to predict "
           f"with {spec['version']} ({spec['engine']})")
-    start, peaks = time.perf_counter(), {}
+    start, workers_seen = time.perf_counter(), {}
     futures = [predict_shard.submit(shard, spec, str(out_path), mm_per_pixel, int(max_megapixels * 1e6), len(shard) - 1)
                for shard in shards(todo, shard_size)]
     with tqdm(total=len(todo), desc="survey", unit="photo", disable=not todo) as bar:
         for future in as_completed(futures):
             for row in future.result():
-                peaks[row.pop("worker_pid")] = row.pop("worker_peak_mb")
+                worker = row.pop("worker")
+                workers_seen[worker["pid"]] = worker
                 rows[row["path"]] = row
                 bar.update(1)
     seconds = time.perf_counter() - start
     processed = sum(1 for r in rows.values() if not r.get("skipped", True))
     frame = table([{k: v for k, v in r.items() if k != "skipped"} for r in rows.values()])
-    meta = {"model_version": spec["version"], "engine": spec["engine"], "workers": workers or len(peaks) or 1,
+    meta = {"model_version": spec["version"], "engine": spec["engine"], "workers": workers or len(workers_seen) or 1,
             "seconds": seconds, "processed": processed, "skipped": len(listed) - len(todo),
             "photos_per_s": processed / seconds if seconds > 0 and processed else 0.0}
     counts = write_outputs(frame, out_path, meta)
-    result = {**counts, **meta, "peak_worker_mb": max(peaks.values(), default=0.0), "out": str(out_path)}
+    result = {**counts, **meta, "peak_worker_mb": max((w["peak_mb"] for w in workers_seen.values()), default=0.0),
+              "model_loads": sum(w["model_loads"] for w in workers_seen.values()), "out": str(out_path)}
     if track and params:
         _track(result, params, dataset)
     print(f"survey: {counts['predicted']} predicted, {counts['errors']} errors, {processed} new in {seconds:.0f} s "
@@ -163,7 +157,7 @@ def _track(result: dict[str, Any], params: str, dataset: str) -> None:
         run.log_params({"survey": {"out": result["out"], "workers": result["workers"]}})
         run.log_metrics({k: float(result[k]) for k in ("photos", "predicted", "errors", "with_gps", "with_cracks",
                                                        "processed", "skipped", "seconds", "photos_per_s",
-                                                       "peak_worker_mb")})
+                                                       "peak_worker_mb", "model_loads")})
         for name in ("summary.md", "summary.png"):
             run.log_artifact(Path(result["out"]) / name, artifact_path="survey")
 
@@ -176,13 +170,35 @@ def run(photos: str, out: str, workers: int | None = None, address: str | None =
     list_photos(photos)
     threads = kwargs.pop("threads", None) or (None if address else max(1, (os.cpu_count() or 1) // (workers or os.cpu_count() or 1)))
     runner = task_runner(workers, address)
-    return survey.with_options(task_runner=runner)(photos, out, threads=threads, workers=workers, **kwargs)
+    with _one_server(local=not (address or os.environ.get(ADDRESS_ENV))):
+        return survey.with_options(task_runner=runner)(photos, out, threads=threads, workers=workers, **kwargs)
+
+
+@contextlib.contextmanager
+def _one_server(local: bool):
+    """Without a Prefect server (no ``PREFECT_API_URL``), the flow's temporary server started before its
+    LocalCluster, its URL in the environment the workers are spawned with: else each worker starts a
+    server of its own (three servers on 2 cores cost the flow a tenth of its time). Prefect stops the
+    server at exit, after its last logs are sent, as it does its own temporary server."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not local or PREFECT_API_URL.value():
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the process's one temporary server: the flow's client uses it too
+    server.start()
+    with _environment(PREFECT_API_URL=server.api_url):
+        yield
 
 
 def bench(photos: int, out: str, work: str, model: str, dataset: str = "deepcrack", params: str = "params.yaml",
           workers: tuple[int, ...] = (1, 2), large_every: int = 40) -> dict[str, Any]:
     """``reports/benchmark/survey.{json,md,png}``: one ``wpcrack predict`` process against this flow at
-    each of ``workers``, then a flow killed halfway and finished (``wpcrack.diagnostics.survey_bench``)."""
+    each of ``workers``, then a flow killed halfway and finished (``wpcrack.diagnostics.survey_bench``).
+    The ONNX export, made once per model version, is made first into the bench's own cache and timed
+    on its own: every flow below finds it there, as a team's second survey does."""
     import shutil
 
     from wpcrack.diagnostics import survey_bench as sb
@@ -201,26 +217,46 @@ def bench(photos: int, out: str, work: str, model: str, dataset: str = "deepcrac
         return [sys.executable, "-m", "pipelines.survey", "run", str(folder), "--out", str(target), "--workers", str(n),
                 "--model", model, "--dataset", dataset, "--params", params]
 
-    seconds = sb.timed([sys.executable, "-m", "wpcrack", "predict", str(folder), "--model", model, "--dataset", dataset,
-                        "--params", params, "--out", str(fresh("predict"))], work_dir / "predict.log")
-    print(f"survey bench: wpcrack predict {photos / seconds:.2f} photos/s")
-    per_s, peak = {}, 0.0
-    for n in workers:
-        log = work_dir / f"flow-{n}.log"
-        per_s[str(n)] = photos / sb.timed(flow_cmd(fresh(f"flow-{n}"), n), log)
-        peak = max(peak, sb.peak_mb(log))
-        print(f"survey bench: flow at {n} worker(s) {per_s[str(n)]:.2f} photos/s, peak {peak:.0f} MB per worker")
-    target, n = fresh("killed"), max(workers)
-    killed_at = sb.kill_halfway(flow_cmd(target, n), target / "rows", photos, work_dir / "killed.log")
-    before = sb.row_stamps(target / "rows")
-    sb.timed(flow_cmd(target, n), work_dir / "resumed.log")
+    with _environment(WPCRACK_ONNX_CACHE=str(fresh("onnx"))):
+        start = time.perf_counter()
+        prepare_model(model, dataset, str(Path(params).resolve()), fresh("export"), True, None, None)
+        export_seconds = time.perf_counter() - start
+        print(f"survey bench: ONNX export {export_seconds:.0f} s (once per model version)")
+        seconds = sb.timed([sys.executable, "-m", "wpcrack", "predict", str(folder), "--model", model, "--dataset",
+                            dataset, "--params", params, "--out", str(fresh("predict"))], work_dir / "predict.log")
+        print(f"survey bench: wpcrack predict {photos / seconds:.2f} photos/s")
+        per_s, peak = {}, 0.0
+        for n in workers:
+            log = work_dir / f"flow-{n}.log"
+            per_s[str(n)] = photos / sb.timed(flow_cmd(fresh(f"flow-{n}"), n), log)
+            peak = max(peak, sb.peak_mb(log))
+            print(f"survey bench: flow at {n} worker(s) {per_s[str(n)]:.2f} photos/s, peak {peak:.0f} MB per worker")
+        target, n = fresh("killed"), max(workers)
+        killed_at = sb.kill_halfway(flow_cmd(target, n), target / "rows", photos, work_dir / "killed.log")
+        before = sb.row_stamps(target / "rows")
+        sb.timed(flow_cmd(target, n), work_dir / "resumed.log")
     figures = {"photos": photos, "predict_photos_per_s": photos / seconds, "flow_photos_per_s": per_s,
                "resume": sb.resume_check(before, target, photos), "peak_worker_mb": peak}
-    details = {"environment": sb.environment_note(), "killed_at": killed_at,
+    details = {"environment": sb.environment_note(), "killed_at": killed_at, "export_seconds": export_seconds,
                "agreement": sb.agreement(work_dir / "predict" / "predictions.csv", work_dir / f"flow-{n}" / "survey.parquet")}
     sb.write(Path(out), figures, made, details)
     print(f"survey bench: killed after {killed_at} rows, resumed: {figures['resume']} -> {Path(out).with_suffix('.json')}")
     return figures
+
+
+@contextlib.contextmanager
+def _environment(**values: str):
+    """``values`` in this process's environment (so in the commands it starts) for the block."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -96,6 +96,13 @@ def test_the_figures_have_exactly_the_issue_keys_and_the_page_every_arm(tmp_path
 
 
 
+def test_the_weekly_mode_writes_the_page_of_record_and_another_mode_its_own():
+    from pipelines.adaptation import WEEKLY_MODE, default_out
+
+    assert WEEKLY_MODE == "finetune" and default_out("finetune") == "docs/results/adaptation"
+    assert default_out("scratch") == "docs/results/adaptation-scratch"
+
+
 def test_each_mode_has_its_own_page_and_both_pages_compare_the_modes(tmp_path):
     scores = lambda f, t, b: {"field": f, "target_test": t, "benchmark_test": b}  # noqa: E731
     before = scores(30, 36, 69.3)

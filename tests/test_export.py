@@ -58,9 +58,12 @@ def test_export_checks_against_torch_and_runs_at_other_sizes(project, capsys):
         assert onnx(x).shape == (2, 1, 40, 72)
         assert float((onnx(x) - torch_model.cpu()(x)).abs().max()) < 1e-4
     assert report["classifier"] == str((project / "slim.classifier.onnx").resolve())
-    for shape in ((3, 3, 40, 72), (1, 3, 37, 61)):  # the classifier graph: any side, not only multiples of 8
+    assert onnx.multiple == 1  # both graphs take any side, not only multiples of 8: no padding
+    for shape in ((3, 3, 40, 72), (1, 3, 37, 61)):
         x = torch.randn(*shape)
         with torch.inference_mode():
+            assert onnx(x).shape == (shape[0], 1, *shape[2:])
+            assert float((onnx(x) - torch_model.cpu()(x)).abs().max()) < 1e-4
             assert onnx.classify(x).shape == (shape[0],)
             assert float((onnx.classify(x) - torch_model.cpu().classify(x)).abs().max()) < 1e-5
 

@@ -116,6 +116,27 @@ def test_a_photo_is_predicted_once_per_model_and_settings(photos, model_dir, tmp
     assert "more than the 0.001 MP" in huge["error"]
 
 
+def test_each_model_version_is_exported_once_and_placed_in_every_survey(model_dir, tmp_path, monkeypatch):
+    from wpcrack.deploy import export
+    from wpcrack.deploy.detection import classifier_path, load_onnx
+
+    monkeypatch.setenv("WPCRACK_ONNX_CACHE", str(tmp_path / "cache"))
+    model = survey.load_survey_model(str(model_dir), "synthetic", str(PARAMS), None, 1)
+    first = survey.ensure_onnx(model.chooser, model.cfg, tmp_path / "a" / ".model", "digest")
+    assert first == tmp_path / "a" / ".model" / "digest.onnx" and classifier_path(first).is_file()
+    assert (tmp_path / "cache" / "digest.onnx").stat().st_ino == first.stat().st_ino  # a link, not a copy
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(export, "export_onnx", no_export)
+    second = survey.ensure_onnx(model.chooser, model.cfg, tmp_path / "b" / ".model", "digest")
+    assert second.read_bytes() == first.read_bytes() and classifier_path(second).is_file()
+    detector, _ = load_onnx(second)
+    assert detector.cls_head is not None
+    assert survey.ensure_onnx(model.chooser, model.cfg, tmp_path / "c", "other") is None  # cannot export: torch
+
+
 def _run_flow(photos: Path, out: Path, model_dir: Path, env: dict, workers: int = 1, extra: tuple = ()):
     return subprocess.run(
         [sys.executable, "-m", "pipelines.survey", "run", str(photos), "--out", str(out), "--model", str(model_dir),
@@ -126,10 +147,13 @@ def _run_flow(photos: Path, out: Path, model_dir: Path, env: dict, workers: int 
 @pytest.mark.prefect_server
 def test_flow_on_a_local_cluster_writes_the_table_map_and_summary_and_resumes(photos, model_dir, tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-           "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+           "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "WPCRACK_ONNX_CACHE": str(tmp_path / "onnx")}
     out = tmp_path / "out"
     first = _run_flow(photos, out, model_dir, env, workers=2)
     assert first.returncode == 0, first.stderr[-3000:]
+    logs = first.stdout + first.stderr
+    assert logs.count("Starting temporary server") == 1 and "Error logging to API" not in logs  # the workers use it too
     frame = pd.read_parquet(out / "survey.parquet")
     assert len(frame) == 9 and frame["path"].is_unique
     errors = dict(zip(frame["path"].map(lambda p: Path(p).name), frame["error"], strict=True))
@@ -160,6 +184,8 @@ def test_flow_on_a_local_cluster_writes_the_table_map_and_summary_and_resumes(ph
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(experiment_names=["wpcrack"], filter_string="tags.stage = 'survey'")
     assert len(runs) == 2 and sorted(runs["metrics.processed"]) == [1.0, 9.0]
+    first_run = runs[runs["metrics.processed"] == 9.0].iloc[0]
+    assert 1 <= first_run["metrics.model_loads"] <= 2  # once per worker, not once per shard (5 shards)
 
 
 def test_flow_refuses_bad_arguments(tmp_path):

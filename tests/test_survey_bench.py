@@ -63,7 +63,7 @@ def test_the_figures_keep_exactly_the_benchmark_keys(tmp_path):
     figures = {"photos": 1000, "predict_photos_per_s": 1.0, "flow_photos_per_s": {"1": 1.2, "2": 2.1},
                "resume": {"processed_twice": 0, "missing": 0}, "peak_worker_mb": 1800.0}
     sb.write(tmp_path / "survey", figures, {"photos": 1000, "large": 25, "native": 975, "sources": 660},
-             {"environment": "CPU", "killed_at": 512,
+             {"environment": "CPU", "killed_at": 512, "export_seconds": 31.0,
               "agreement": {"photos": 1000, "same_scale": 0.998, "crack_share_difference": 0.00012}})
     import json
 
@@ -72,6 +72,7 @@ def test_the_figures_keep_exactly_the_benchmark_keys(tmp_path):
     assert "| `python -m pipelines.survey run --workers 2` | 2.10 | 2.10x |" in page and "after 512 rows" in page
     assert (tmp_path / "survey.png").stat().st_size > 1000
     assert "99.8 % of the 1000 photos got the" in page and "differ by 0.012 points" in page
+    assert "took 31 s before the timings" in page
 
 
 def test_agreement_compares_predicts_table_with_the_surveys_photo_by_photo(tmp_path):

@@ -269,8 +269,9 @@ def probability_map(detector: torch.nn.Module, rgb: np.ndarray, cfg: Config, gat
 
 ONNX_CONFIG_KEY = "wpcrack_config"  # ONNX metadata: the resolved configuration (YAML)
 ONNX_WIDTH_KEY = "wpcrack_crack_width"  # ONNX metadata: the training crack width, px (scale.json)
-# The export traces the backbone's size arithmetic for sides that are multiples of its output stride;
-# other sizes are padded (replicate) to the next multiple and the output cropped back.
+ONNX_ANY_SIZE_KEY = "wpcrack_any_size"  # ONNX metadata: the detector graph takes any height and width
+# Exports made before ONNX_ANY_SIZE_KEY were traced for sides that are multiples of 8 (the backbone's
+# output stride): for them other sizes are padded (replicate) to the next multiple and the output cropped.
 ONNX_SIZE_MULTIPLE = 8
 
 
@@ -289,6 +290,8 @@ class OnnxDetector(torch.nn.Module):
         super().__init__()
         self.session, self.path = session, path
         self.cls_head = classifier  # the classifier graph's session, or None (what supports_gate reads)
+        any_size = ONNX_ANY_SIZE_KEY in session.get_modelmeta().custom_metadata_map
+        self.multiple = 1 if any_size else ONNX_SIZE_MULTIPLE
 
     @staticmethod
     def _run(session, x: torch.Tensor) -> torch.Tensor:
@@ -303,7 +306,7 @@ class OnnxDetector(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        pad_h, pad_w = -h % ONNX_SIZE_MULTIPLE, -w % ONNX_SIZE_MULTIPLE
+        pad_h, pad_w = -h % self.multiple, -w % self.multiple
         x = torch.nn.functional.pad(x, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else x
         return self._run(self.session, x)[..., :h, :w]
 

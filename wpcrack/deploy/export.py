@@ -7,10 +7,8 @@ largest absolute difference of the crack probabilities is reported and written b
 The classifier head (a model sliced with its gate) goes into a second graph beside it,
 ``<name>.classifier.onnx`` (image-level crack probability, any height and width): with it an ONNX
 model chooses predict's scale on the same classifier evidence as the torch model and takes
-``--gate``. The detector graph is traced for sides that are multiples of 8 (the backbone's output
-stride); ``OnnxDetector`` pads other sizes to the next multiple and crops the result, so along the
-bottom/right edge of such an image the probabilities differ slightly from torch's, which handles
-the remainder inside the network.
+``--gate``. Both graphs take any height and width, as the torch model does (the detector's metadata
+says so; an export made before that was traced for multiples of 8, and ``OnnxDetector`` pads for it).
 """
 
 from __future__ import annotations
@@ -23,8 +21,8 @@ import numpy as np
 import torch
 
 from wpcrack.deploy.detection import (
+    ONNX_ANY_SIZE_KEY,
     ONNX_CONFIG_KEY,
-    ONNX_SIZE_MULTIPLE,
     ONNX_WIDTH_KEY,
     classifier_path,
     load_model_dir,
@@ -64,27 +62,24 @@ def export_onnx(detector: torch.nn.Module, cfg: Config, path: str | Path, size: 
     path = Path(path)
     detector = detector.cpu().eval()
     example = torch.zeros(1, 3, size, size)
-    multiple = ONNX_SIZE_MULTIPLE
-    if size % multiple:
-        raise DataError("benchmark.size", f"the export's example size must be a multiple of {multiple}, got {size}")
+    free = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height", min=16, max=8192),
+            3: torch.export.Dim("width", min=16, max=8192)}
     classifier = classifier_path(path)
     classifier.unlink(missing_ok=True)
     if supports_gate(detector):
-        free = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height", min=16, max=8192),
-                3: torch.export.Dim("width", min=16, max=8192)}
         with atomic_path(classifier) as tmp, torch.inference_mode():
-            program = torch.onnx.export(_Classifier(detector), (example,), input_names=["image"],
+            program = torch.onnx.export(_Classifier(detector).eval(), (example,), input_names=["image"],
                                         output_names=["crack_probability"], dynamic_shapes={"x": free},
                                         opset_version=OPSET, dynamo=True, verbose=False)
             onnx.save_model(program.model_proto, str(tmp))
-    dims = {0: torch.export.Dim("batch"), 2: multiple * torch.export.Dim("height_cells"),
-            3: multiple * torch.export.Dim("width_cells")}
     with atomic_path(path) as tmp, torch.inference_mode():
         program = torch.onnx.export(detector, (example,), input_names=["image"], output_names=["crack_probability"],
-                                    dynamic_shapes={"x": dims}, opset_version=OPSET, dynamo=True, verbose=False)
+                                    dynamic_shapes={"x": free}, opset_version=OPSET, dynamo=True, verbose=False)
         model = program.model_proto
         entry = model.metadata_props.add()
         entry.key, entry.value = ONNX_CONFIG_KEY, yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+        entry = model.metadata_props.add()
+        entry.key, entry.value = ONNX_ANY_SIZE_KEY, "true"
         if training_crack_width(detector):  # predict's width matching travels with the export
             entry = model.metadata_props.add()
             entry.key, entry.value = ONNX_WIDTH_KEY, repr(training_crack_width(detector))
