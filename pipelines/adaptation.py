@@ -37,6 +37,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from pipelines.retrain import retrain
+from pipelines.tasks import temporary_environment
 from wpcrack.dvc import run_dvc, tool_env
 from wpcrack.errors import DataError, WpcrackError
 from wpcrack.evaluate import adaptation
@@ -136,18 +137,9 @@ def target_iou(root: str, model: str) -> float:
         return adaptation.target_iou("params.yaml", model)
 
 
-@contextlib.contextmanager
 def _store(uri: str):
     """Every MLflow call of the experiment (and of its ``dvc`` subprocesses) goes to ``uri``."""
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = old
+    return temporary_environment(MLFLOW_TRACKING_URI=uri)
 
 
 def prepare_arm(source: Path, work_dir: Path, arm: str, mode: str, count: int, shuffled: bool, train_photos: list,

@@ -31,6 +31,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from pipelines.tasks import temporary_environment
 from wpcrack.errors import WpcrackError
 
 @task(name="predict-shard", cache_policy=NO_CACHE, task_run_name="predict {paths[0]} (+{extra})")
@@ -189,7 +190,7 @@ def _one_server(local: bool):
 
     server = SubprocessASGIServer()  # the process's one temporary server: the flow's client uses it too
     server.start()
-    with _environment(PREFECT_API_URL=server.api_url):
+    with temporary_environment(PREFECT_API_URL=server.api_url):
         yield
 
 
@@ -217,7 +218,7 @@ def bench(photos: int, out: str, work: str, model: str, dataset: str = "deepcrac
         return [sys.executable, "-m", "pipelines.survey", "run", str(folder), "--out", str(target), "--workers", str(n),
                 "--model", model, "--dataset", dataset, "--params", params]
 
-    with _environment(WPCRACK_ONNX_CACHE=str(fresh("onnx"))):
+    with temporary_environment(WPCRACK_ONNX_CACHE=str(fresh("onnx"))):
         start = time.perf_counter()
         prepare_model(model, dataset, str(Path(params).resolve()), fresh("export"), True, None, None)
         export_seconds = time.perf_counter() - start
@@ -242,21 +243,6 @@ def bench(photos: int, out: str, work: str, model: str, dataset: str = "deepcrac
     sb.write(Path(out), figures, made, details)
     print(f"survey bench: killed after {killed_at} rows, resumed: {figures['resume']} -> {Path(out).with_suffix('.json')}")
     return figures
-
-
-@contextlib.contextmanager
-def _environment(**values: str):
-    """``values`` in this process's environment (so in the commands it starts) for the block."""
-    before = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,21 @@ TRANSIENT_ERRORS = (
 )
 
 
+@contextlib.contextmanager
+def temporary_environment(**values: str) -> Iterator[None]:
+    """``values`` in this process's environment (so in the commands and workers it starts) for the block."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def is_transient(task, task_run, state) -> bool:
     """Prefect ``retry_condition_fn``: retry only when DVC's output names a transient problem."""
     try:

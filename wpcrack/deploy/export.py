@@ -76,13 +76,12 @@ def export_onnx(detector: torch.nn.Module, cfg: Config, path: str | Path, size: 
         program = torch.onnx.export(detector, (example,), input_names=["image"], output_names=["crack_probability"],
                                     dynamic_shapes={"x": free}, opset_version=OPSET, dynamo=True, verbose=False)
         model = program.model_proto
-        entry = model.metadata_props.add()
-        entry.key, entry.value = ONNX_CONFIG_KEY, yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-        entry = model.metadata_props.add()
-        entry.key, entry.value = ONNX_ANY_SIZE_KEY, "true"
-        if training_crack_width(detector):  # predict's width matching travels with the export
+        width = training_crack_width(detector)  # predict's width matching travels with the export
+        metadata = {ONNX_CONFIG_KEY: yaml.safe_dump(cfg.to_dict(), sort_keys=False), ONNX_ANY_SIZE_KEY: "true",
+                    **({ONNX_WIDTH_KEY: repr(width)} if width else {})}
+        for key, value in metadata.items():
             entry = model.metadata_props.add()
-            entry.key, entry.value = ONNX_WIDTH_KEY, repr(training_crack_width(detector))
+            entry.key, entry.value = key, value
         onnx.save_model(model, str(tmp))
     return path
 
