@@ -54,8 +54,8 @@ def predict_shard(paths: list[str], spec: dict[str, Any], out: str, mm_per_pixel
 
 def prepare_model(model: str, dataset: str, params: str | None, out: Path, onnx: bool,
                   mm_per_pixel: float | None, threads: int | None) -> dict[str, Any]:
-    """Load the model here once to export it (when ``onnx``) and name its version and settings: the
-    spec every worker loads from."""
+    """Load the model here once to export it (when ``onnx``) and name its version, configuration and
+    settings: the spec every worker loads from (with the export's classifier graph, no torch model)."""
     from wpcrack.deploy.detection import weights_digest
     from wpcrack.deploy.predict import load_detector
     from wpcrack.deploy.survey import ensure_onnx, model_version, settings_digest
@@ -64,12 +64,21 @@ def prepare_model(model: str, dataset: str, params: str | None, out: Path, onnx:
     digest = weights_digest(detector)
     path = ensure_onnx(detector, cfg, out / ".model", digest) if onnx else None
     return {"model": model, "dataset": dataset, "params": params, "onnx": str(path) if path else None,
-            "threads": threads, "version": model_version(model, source, digest),
+            "threads": threads, "version": model_version(model, source, digest), "cfg": cfg,
             "settings": settings_digest(cfg, mm_per_pixel), "engine": "onnxruntime" if path else "torch"}
 
 
-def shards(paths: list[Path], size: int) -> list[list[str]]:
-    return [[str(p) for p in paths[i:i + size]] for i in range(0, len(paths), size)]
+def shards(paths: list[Path], size: int, workers: int) -> list[list[str]]:
+    """The photos as Prefect tasks, largest files first and shards of at most ``size`` that shrink to
+    single photos over the last ``2 * size * workers`` (guided self-scheduling): a worker that finishes
+    early picks up small pieces instead of idling while another ends a long shard of 12 MP photos."""
+    ordered = sorted(paths, key=lambda p: p.stat().st_size if p.is_file() else 0, reverse=True)
+    out, i = [], 0
+    while i < len(ordered):
+        n = max(1, min(size, -(-(len(ordered) - i) // (2 * max(1, workers)))))
+        out.append([str(p) for p in ordered[i:i + n]])
+        i += n
+    return out
 
 
 ADDRESS_ENV, WORKERS_ENV = "WPCRACK_DASK_ADDRESS", "WPCRACK_DASK_WORKERS"
@@ -125,7 +134,7 @@ def survey(photos: str, out: str, model: str = "champion", dataset: str = "deepc
           f"with {spec['version']} ({spec['engine']})")
     start, workers_seen = time.perf_counter(), {}
     futures = [predict_shard.submit(shard, spec, str(out_path), mm_per_pixel, int(max_megapixels * 1e6), len(shard) - 1)
-               for shard in shards(todo, shard_size)]
+               for shard in shards(todo, shard_size, workers or os.cpu_count() or 1)]
     with tqdm(total=len(todo), desc="survey", unit="photo", disable=not todo) as bar:
         for future in as_completed(futures):
             for row in future.result():

@@ -105,6 +105,15 @@ def test_dataset_page_and_index(tmp_path):
     assert "[adaptation](results/adaptation.md); scratch: [adaptation-scratch](results/adaptation-scratch.md)." in index
     assert "- [deepcrack](results/deepcrack.md)" in index and "dvc repro report@crack500" in index
     assert "- [2026-12-01](results/archive/2026-12-01.md)" in index
+    assert "No survey benchmark yet" in index
+    survey = tmp_path / "reports" / "benchmark" / "survey.json"
+    survey.parent.mkdir(parents=True)
+    survey.write_text(json.dumps({"photos": 1000, "predict_photos_per_s": 1.2, "flow_photos_per_s": {"1": 1.1, "2": 1.8},
+                                  "resume": {"processed_twice": 0, "missing": 0}, "peak_worker_mb": 1700.4}))
+    index = report.write_index(pages, tmp_path / "docs" / "results.md", survey).read_text()
+    assert ("1.10 at 1 worker, 1.80 at 2 workers photos/s (1.50x predict at 2); a run killed halfway and restarted "
+            "did 0 photos twice and missed 0; peak 1700 MB per worker: [survey benchmark](../reports/benchmark/survey.md)"
+            ) in index
 
 
 def test_report_cli_writes_only_the_pages_asked_for(tmp_path, capsys):

@@ -136,6 +136,26 @@ def test_each_model_version_is_exported_once_and_placed_in_every_survey(model_di
     assert detector.cls_head is not None
     assert survey.ensure_onnx(model.chooser, model.cfg, tmp_path / "c", "other") is None  # cannot export: torch
 
+    from wpcrack.deploy import predict
+
+    monkeypatch.setattr(predict, "load_detector", lambda *a: (_ for _ in ()).throw(AssertionError("torch loaded")))
+    worker = survey.load_survey_model(str(model_dir), "synthetic", str(PARAMS), second, 1, "md5:digest", model.cfg)
+    assert worker.engine == "onnxruntime" and worker.chooser is worker.detector and worker.cfg == model.cfg
+
+
+def test_shards_put_the_largest_photos_first_and_shrink_to_single_photos_at_the_end(tmp_path):
+    from pipelines.survey import shards
+
+    paths = []
+    for i in range(40):
+        paths.append(tmp_path / f"p{i:02d}.jpg")
+        paths[-1].write_bytes(b"x" * (1000 if i % 10 == 3 else 10 + i))
+    parts = shards(paths, 8, 2)
+    assert sorted(p for part in parts for p in part) == sorted(map(str, paths))  # each photo once
+    assert parts[0][:4] == [str(tmp_path / f"p{i:02d}.jpg") for i in (3, 13, 23, 33)]  # the large ones first
+    sizes = [len(part) for part in parts]
+    assert sizes[0] == 8 and sizes == sorted(sizes, reverse=True) and sizes[-4:] == [1, 1, 1, 1]
+
 
 def _run_flow(photos: Path, out: Path, model_dir: Path, env: dict, workers: int = 1, extra: tuple = ()):
     return subprocess.run(

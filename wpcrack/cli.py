@@ -218,7 +218,10 @@ def cmd_report(args: argparse.Namespace) -> None:
     for dataset in datasets:
         print(f"{dataset}: {write_dataset_report(Path(args.params), dataset, pages_dir)}")
     if args.index or not args.datasets:
-        print(f"index: {write_index(pages_dir, Path(args.out))}")
+        from wpcrack.config import load_config
+
+        survey = Path(load_config(args.params).paths.reports) / "benchmark" / "survey.json"
+        print(f"index: {write_index(pages_dir, Path(args.out), survey)}")
 
 
 def cmd_experiments(args: argparse.Namespace) -> None:

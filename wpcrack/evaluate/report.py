@@ -265,11 +265,28 @@ def write_dataset_report(params: Path, dataset: str, out_dir: Path) -> Path:
     return page
 
 
-def write_index(pages_dir: Path, out: Path) -> Path:
+def _survey_line(survey: Path | None, out: Path) -> str:
+    """The survey benchmark's figures (``python -m pipelines.survey bench``) in one sentence, linked."""
+    figures = _read_json(survey) if survey else {}
+    if not figures:
+        return "No survey benchmark yet (`dvc repro survey_benchmark`, about 1 h alone on 2 cores).\n"
+    predict, flow = figures["predict_photos_per_s"], figures["flow_photos_per_s"]
+    rates = ", ".join(f"{v:.2f} at {n} worker{'s' if n != '1' else ''}" for n, v in sorted(flow.items(), key=lambda kv: int(kv[0])))
+    top = max(flow, key=int)
+    return (f"{figures['photos']} photos (native sizes and 12 MP) through one `wpcrack predict` process, "
+            f"{predict:.2f} photos/s, and through the survey flow on a Dask LocalCluster, {rates} photos/s "
+            f"({flow[top] / predict:.2f}x predict at {top}); a run killed halfway and restarted did "
+            f"{figures['resume']['processed_twice']} photos twice and missed {figures['resume']['missing']}; "
+            f"peak {figures['peak_worker_mb']:.0f} MB per worker: [survey benchmark]"
+            f"({_relative(survey.with_suffix('.md'), out)}).\n")
+
+
+def write_index(pages_dir: Path, out: Path, survey: Path | None = None) -> Path:
     """``docs/results.md``: the summary rows of the per-dataset pages, side by side, with links.
 
     Reads only the pages' JSON files (never a metrics file), so a dataset rerun on one machine and
-    another rerun elsewhere meet here; a dataset without a page is said to be missing.
+    another rerun elsewhere meet here; a dataset without a page is said to be missing. ``survey``:
+    the survey benchmark's ``survey.json``, if there is one.
     """
     import pandas as pd
 
@@ -304,6 +321,8 @@ def write_index(pages_dir: Path, out: Path) -> Path:
                    for page in sorted(pages_dir.glob("adaptation-*.md"))) + ".\n"
          if (pages_dir / "adaptation.md").is_file() else
          "No adaptation page yet (`python -m pipelines.adaptation run`).\n"),
+        "\n## Survey scale\n",
+        _survey_line(survey, out),
         "\n## How our setting differs from the paper\n",
         DIFFERENCES,
     ]
