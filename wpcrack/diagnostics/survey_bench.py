@@ -188,8 +188,9 @@ def page(figures: dict[str, Any], made: dict[str, Any], details: dict[str, Any])
         "same scale from both, and their crack shares differ by "
         f"{100 * details['agreement']['crack_share_difference']:.3f} points on average.",
         "On a larger cluster the rate grows with the workers as long as each worker has its own cores and",
-        "the photos' storage keeps up: photos are independent, one shard of 8 is one Prefect task, and no",
-        "worker waits on another. What does not grow is the fixed cost (the scheduler, one ONNX export per",
+        "the photos' storage keeps up: photos are independent, a shard of up to 8 (the largest files first,",
+        "single photos at the end, so no worker idles while another ends a long shard) is one Prefect task, and",
+        "no worker waits on another. What does not grow is the fixed cost (the scheduler, one ONNX export per",
         "model version) and the summary written at the end from every row, a few seconds per 10,000 photos.",
         "",
     ]
