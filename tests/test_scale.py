@@ -80,6 +80,18 @@ def test_a_wide_crack_is_predicted_where_it_looks_thin(width):
     assert iou > 0.6 and (width == 3 or iou > 3 * iou_at_one)
 
 
+def test_the_chosen_scale_is_averaged_with_its_neighbours_and_still_reported_as_chosen():
+    rgb = _road(360, 480, 12)
+    single = probability_map(ThinDarkLines(), rgb, _cfg("evaluate.tile_size=128", "predict.spread=0"))
+    spread = probability_map(ThinDarkLines(), rgb, _cfg("evaluate.tile_size=128", "predict.spread=0.25"))
+    s = single.choice.scale
+    assert single.choice.scales == (s,) and spread.choice.scale == pytest.approx(s)
+    assert spread.choice.scales == pytest.approx((s / 2 ** 0.25, s, s * 2 ** 0.25))
+    by_hand = sum(probability_map(ThinDarkLines(), rgb, _cfg("evaluate.tile_size=128"), scales=(f,)).prob
+                  for f in spread.choice.scales) / 3
+    np.testing.assert_allclose(spread.prob, by_hand, atol=1e-6)
+
+
 def test_without_evidence_the_photo_stays_at_its_own_scale():
     cfg = _cfg("evaluate.tile_size=128")
     choice = choose_scale(np.full((200, 300, 3), 128, np.uint8), cfg, lambda views, scale: 0.2, "classifier")
@@ -116,7 +128,7 @@ def test_a_model_with_a_classifier_head_is_scored_by_it_and_an_onnx_like_one_by_
 
 
 @pytest.mark.parametrize("key,value", [("scale_step", "1.0"), ("max_scale", "0"), ("sample_tiles", "0"),
-                                       ("evidence", "votes")])
+                                       ("evidence", "votes"), ("spread", "-0.5")])
 def test_bad_scale_settings_name_the_key(key, value):
     with pytest.raises(ConfigError, match=f"predict.{key}"):
         _cfg(f"predict.{key}={value}")

@@ -242,7 +242,7 @@ class PredictConfig:
     user gives none (``wpcrack.deploy.scale``); read from params.yaml at prediction time, so they are
     tuned without retraining."""
 
-    max_scale: float = 1.0       # the most a photo is enlarged (2: photos of finer cracks than the training rows') ...
+    max_scale: float = 2.0       # the most a photo is enlarged (photos of finer cracks than the training rows') ...
     max_side: int = 4096         # ... and never beyond this long side, px (cost, and blur that fools the classifier)
     min_side_rows: float = 0.5   # the least: its long side down to this many training rows
     scale_step: float = 2.0      # ladder step (one octave); the best octave is refined by half a step
@@ -252,6 +252,8 @@ class PredictConfig:
     min_crack_probability: float = 0.5  # classifier evidence below this at every scale (no crack seen): scale 1
     width_weight: float = 0.5    # 0..1: how far the evidence's scale moves towards the one at which the photo's
                                  # cracks are as wide as the training rows' (a model with scale.json; 0: off)
+    spread: float = 0.25         # octaves: the photo is predicted at the chosen scale and this far above and below
+                                 # it, and the three maps averaged (0: the chosen scale alone)
 
 
 @dataclass(frozen=True)
@@ -458,7 +460,8 @@ _LIMITS: dict[type, dict[str, tuple[Callable[[Any], bool], str]]] = {
     RetrainConfig: {"epochs": _ONE_OR_MORE, "lr_scale": _POSITIVE},
     PredictConfig: {"max_scale": _POSITIVE, "max_side": _ONE_OR_MORE, "min_side_rows": _POSITIVE,
                     "scale_step": (lambda v: v > 1, "must be > 1"), "sample_tiles": _ONE_OR_MORE,
-                    "evidence_share": (lambda v: 0 < v <= 1, "must be in (0, 1]"), "min_crack_probability": _HALF_OPEN_UNIT},
+                    "evidence_share": (lambda v: 0 < v <= 1, "must be in (0, 1]"), "min_crack_probability": _HALF_OPEN_UNIT,
+                    "spread": _NON_NEGATIVE},
     BenchmarkConfig: {"size": _ONE_OR_MORE, "batch_sizes": _ONE_OR_MORE, "warmup": _NON_NEGATIVE,
                       "iterations": _ONE_OR_MORE},
 }
