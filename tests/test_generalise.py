@@ -45,7 +45,7 @@ def test_enlarged_photos_are_scored_at_the_split_resolution(synthetic):
     enlarged = score_split(DarkPixels(), synthetic, synthetic, enlarge=2)
     assert plain["images"] == enlarged["images"] == 4 and 0 < plain["iou"] <= 100
     assert enlarged["iou"] == pytest.approx(plain["iou"], abs=15)
-    assert 0 < enlarged["scale_min"] <= enlarged["scale_median"] <= enlarged["scale_max"] <= 1.0
+    assert 0 < enlarged["scale_min"] <= enlarged["scale_median"] <= enlarged["scale_max"] <= synthetic.predict.max_scale
 
 
 def test_without_a_trained_model_it_says_what_to_run(tmp_path):
