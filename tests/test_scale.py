@@ -12,7 +12,7 @@ from torch import nn
 
 from wpcrack.config import load_config
 from wpcrack.deploy.detection import probability_map
-from wpcrack.deploy.scale import choose_scale, evidence, ladder, pick, sample_boxes, train_row_side
+from wpcrack.deploy.scale import ScaleChoice, choose_scale, evidence, ladder, pick, sample_boxes, spread, train_row_side
 from wpcrack.errors import ConfigError
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -90,6 +90,15 @@ def test_the_chosen_scale_is_averaged_with_its_neighbours_and_still_reported_as_
     by_hand = sum(probability_map(ThinDarkLines(), rgb, _cfg("evaluate.tile_size=128"), scales=(f,)).prob
                   for f in spread.choice.scales) / 3
     np.testing.assert_allclose(spread.prob, by_hand, atol=1e-6)
+
+
+def test_spreading_a_choice_keeps_how_it_was_made():
+    choice = ScaleChoice((0.5,), "auto", {0.5: 0.9, 1.0: 0.2}, True, "classifier", 6.0, 0.25)
+    assert spread(choice, 0) is choice
+    wide = spread(choice, 1.0)
+    assert wide.scales == (0.25, 0.5, 1.0) and wide.scale == pytest.approx(0.5)
+    assert (wide.source, wide.evidence, wide.at_edge, wide.kind, wide.crack_width, wide.evidence_scale) == \
+        ("auto", {0.5: 0.9, 1.0: 0.2}, True, "classifier", 6.0, 0.25)
 
 
 def test_without_evidence_the_photo_stays_at_its_own_scale():

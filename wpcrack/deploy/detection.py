@@ -22,6 +22,7 @@ from wpcrack.deploy.scale import (
     ladder,
     match_width,
     photo_crack_width,
+    spread,
     training_mm_per_pixel,
 )
 from wpcrack.errors import DataError
@@ -237,16 +238,6 @@ def decide_scale(detector: torch.nn.Module, rgb: np.ndarray, cfg: Config, scales
         candidates = ladder(rgb.shape, cfg)
         choice = match_width(choice, found, trained_width, cfg.predict.width_weight, (candidates[-1], candidates[0]))
     return spread(choice, cfg.predict.spread), made
-
-
-def spread(choice: ScaleChoice, octaves: float) -> ScaleChoice:
-    """The chosen scale and its neighbours ``octaves`` above and below (their geometric mean stays the
-    choice): the choice is an estimate, and on the val photos of DeepCrack, CFD and CRACK500 the mean of
-    the three maps beat the chosen scale alone for the DeepCrack and the CFD model (docs/operations.md)."""
-    if octaves <= 0:
-        return choice
-    s, f = choice.scale, 2.0 ** octaves
-    return dataclasses.replace(choice, scales=(s / f, s, s * f))
 
 
 def probability_map(detector: torch.nn.Module, rgb: np.ndarray, cfg: Config, gate: float = DEFAULT_GATE,
