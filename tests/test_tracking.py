@@ -36,8 +36,9 @@ def store(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cfg():
-    return load_config(PARAMS, dataset="synthetic", overrides=TINY)
+def cfg(tmp_path_factory):
+    """No prepared data under ``paths.data``: the crack width cannot be measured before logging."""
+    return load_config(PARAMS, dataset="synthetic", overrides=[*TINY, f"paths.data={tmp_path_factory.mktemp('data')}"])
 
 
 @pytest.fixture(scope="module")
@@ -262,6 +263,32 @@ def test_runs_log_the_prepared_manifest_with_its_dvc_hash(store, tmp_path):
         assert logged_input.dataset.name == "synthetic-prepared" and logged_input.dataset.digest == md5
         assert {t.key: t.value for t in logged_input.tags}["mlflow.data.context"] == context
     assert not runs["compare@synthetic"].inputs.dataset_inputs  # tables read metrics, not data
+
+
+def test_the_served_model_carries_the_crack_width_measured_before_logging(store, cfg, monkeypatch, capsys):
+    import mlflow
+
+    from wpcrack.deploy import calibrate
+    from wpcrack.deploy.detection import CRACK_WIDTH_ATTR, training_crack_width, weights_digest
+
+    torch.manual_seed(1)
+    slim = build_model(cfg).slim()
+    with tracking.start_run(cfg, stage="train@synthetic") as tracker:
+        bare = tracker.log_detector(slim)
+    assert "logged without its training crack width" in capsys.readouterr().err  # paths.data holds no manifest
+    served = mlflow.pyfunc.load_model(f"models:/{NAME}/{bare}").unwrap_python_model()
+    assert training_crack_width(served.detector) is None
+
+    measured = {"crack_width_px": 6.5, "by_source": {"synthetic": {"median_px": 6.5, "rows": 3}},
+                "weights_md5": weights_digest(slim)}
+    seen = []
+    monkeypatch.setattr(calibrate, "measure", lambda c, d: seen.append((c, weights_digest(d))) or measured)
+    with tracking.start_run(cfg, stage="train@synthetic") as tracker:
+        version = tracker.log_detector(slim)
+    assert seen == [(cfg, weights_digest(slim))]  # the run's own config and the weights being logged
+    served = mlflow.pyfunc.load_model(f"models:/{NAME}/{version}").unwrap_python_model()
+    assert training_crack_width(served.detector) == 6.5
+    assert tracking.client().get_model_version(NAME, str(version)).tags[CRACK_WIDTH_ATTR] == "6.5"
 
 
 def test_a_calibrated_width_reaches_the_registered_model(logged, cfg):

@@ -74,9 +74,13 @@ def training_crack_width(detector: torch.nn.Module) -> float | None:
 
 
 def attach_crack_width(detector: torch.nn.Module, folder: Path) -> torch.nn.Module:
-    """Give ``detector`` the training crack width of ``folder``'s ``scale.json`` when that file was
+    """Give ``detector`` the training crack width of ``folder``'s ``scale.json`` (see ``attach_scale_file``)."""
+    return attach_scale_file(detector, folder / SCALE_FILE)
+
+
+def attach_scale_file(detector: torch.nn.Module, path: Path) -> torch.nn.Module:
+    """Give ``detector`` the training crack width a ``scale.json`` records, when the file exists and was
     measured on these very weights (a retrained model needs `wpcrack calibrate` again)."""
-    path = folder / SCALE_FILE
     if path.is_file():
         import json
 

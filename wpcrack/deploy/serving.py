@@ -7,7 +7,8 @@ base64-encoded PNG or JPEG bytes, one row per image, any size. Large images are 
 ``scale`` (what the image was resized by before inference). Optional params: ``threshold`` (crack
 probability; default: the model's ``evaluate.threshold``), ``gate`` (classifier probability below
 which a tile is skipped; 0 keeps every tile) and ``scale`` (0, the default: chosen per image as
-``wpcrack predict`` chooses it, ``wpcrack.deploy.scale``).
+``wpcrack predict`` chooses it, ``wpcrack.deploy.scale``, with the training crack width measured
+before the model was logged and the ``predict:`` settings it was trained with).
 
 Base64 strings rather than pixel arrays because any client (curl, a browser) can send a photo that
 way, each image keeps its own size, and the signature stays one plain string column.
@@ -29,13 +30,23 @@ import pandas as pd
 from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
 
-from wpcrack.deploy.detection import DEFAULT_GATE, device, load_resolved_config, load_slim, probability_map, save_detector
+from wpcrack.deploy.detection import (
+    DEFAULT_GATE,
+    SCALE_FILE,
+    attach_scale_file,
+    device,
+    load_resolved_config,
+    load_slim,
+    probability_map,
+    save_detector,
+)
 from wpcrack.errors import DataError
 
 INPUT_COLUMN = "image"
 AUTO_SCALE = 0.0  # the ``scale`` param's default: chosen per image
 WEIGHTS_ARTIFACT = "weights"
 CONFIG_ARTIFACT = "config"
+SCALE_ARTIFACT = "scale"  # the training crack width (scale.json), measured before logging
 
 
 def encode_png(array: np.ndarray) -> str:
@@ -95,10 +106,17 @@ def signature(threshold: float, gate: float):
     )
 
 
-def save_artifacts(detector, cfg, folder: Path) -> dict[str, str]:
-    """Write the detector's weights and resolved config into ``folder``; the pyfunc artifact map."""
+def save_artifacts(detector, cfg, folder: Path, scale: dict | None = None) -> dict[str, str]:
+    """Write the detector's weights, resolved config and, where measured, its training crack width
+    (``wpcrack.deploy.calibrate.measure``) into ``folder``; the pyfunc artifact map."""
+    from wpcrack.io import write_json
+
     weights, config = save_detector(detector, cfg, folder)
-    return {WEIGHTS_ARTIFACT: str(weights), CONFIG_ARTIFACT: str(config)}
+    artifacts = {WEIGHTS_ARTIFACT: str(weights), CONFIG_ARTIFACT: str(config)}
+    if scale is not None:
+        write_json(folder / SCALE_FILE, scale)
+        artifacts[SCALE_ARTIFACT] = str(folder / SCALE_FILE)
+    return artifacts
 
 
 class CrackDetector(PythonModel):
@@ -107,6 +125,8 @@ class CrackDetector(PythonModel):
     def load_context(self, context) -> None:
         self.cfg = load_resolved_config(context.artifacts[CONFIG_ARTIFACT])
         self.detector = load_slim(context.artifacts[WEIGHTS_ARTIFACT], self.cfg).to(device())
+        if SCALE_ARTIFACT in context.artifacts:  # models logged before it was measured at training have none
+            attach_scale_file(self.detector, Path(context.artifacts[SCALE_ARTIFACT]))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         from mlflow.exceptions import MlflowException

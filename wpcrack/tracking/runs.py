@@ -170,18 +170,23 @@ class Tracker:
     def log_detector(self, slim_model, input_example: Any = None) -> int | None:
         """Log the detector as a pyfunc (``wpcrack.deploy.serving``) with signature and input example,
         register it as ``<prefix>-<dataset>`` and return the new version (None when
-        ``tracking.log_models`` is off). ``slim_model`` may be a SlimDetector or a WPCrackNet."""
+        ``tracking.log_models`` is off). ``slim_model`` may be a SlimDetector or a WPCrackNet.
+
+        The crack width the detector learned at is measured first (``wpcrack.deploy.calibrate.measure``,
+        as ``wpcrack calibrate`` does) and logged with it, so the served model chooses each photo's scale
+        as ``wpcrack predict`` does; where it cannot be measured the model is logged without it."""
         if not self.cfg.tracking.log_models:
             return None
         import wpcrack
         from wpcrack.deploy import serving
-        from wpcrack.deploy.detection import DEFAULT_GATE, weights_digest
+        from wpcrack.deploy.detection import CRACK_WIDTH_ATTR, DEFAULT_GATE, weights_digest
 
         mlflow = mlflow_module()
         name = model_name(self.cfg.tracking.model_name_prefix, self.cfg.dataset)
         detector = slim_model.slim() if hasattr(slim_model, "slim") else slim_model
+        scale = self._crack_width(detector)
         with tempfile.TemporaryDirectory(prefix="wpcrack-model-") as tmp:
-            artifacts = serving.save_artifacts(detector, self.cfg, Path(tmp) / "artifacts")
+            artifacts = serving.save_artifacts(detector, self.cfg, Path(tmp) / "artifacts", scale)
             example = serving.example_frame(input_example) if input_example is not None else None
             info = mlflow.pyfunc.log_model(
                 name="detector",
@@ -195,11 +200,27 @@ class Tracker:
             )
         version = int(info.registered_model_version)
         mlflow_client = mlflow.MlflowClient()
-        for key, value in {**self.tags, WEIGHTS_TAG: weights_digest(detector)}.items():
+        width = {CRACK_WIDTH_ATTR: repr(scale["crack_width_px"])} if scale else {}
+        for key, value in {**self.tags, WEIGHTS_TAG: weights_digest(detector), **width}.items():
             if not key.startswith("mlflow."):
                 mlflow_client.set_model_version_tag(name, str(version), key, value)
         self.set_tags({"registered_model": name, "model_version": version})
         return version
+
+    def _crack_width(self, detector) -> dict | None:
+        """``calibrate.measure`` of ``detector`` on this run's training rows; None, said on stderr, where
+        there is nothing to measure on (no prepared data, or no crack found on its crack rows)."""
+        import sys
+
+        from wpcrack.deploy.calibrate import measure
+        from wpcrack.errors import DataError
+
+        try:
+            return measure(self.cfg, detector)
+        except DataError as exc:
+            print(f"{self.stage}: the model is logged without its training crack width ({exc}); "
+                  "served, it chooses scales by its classifier alone", file=sys.stderr)
+            return None
 
 
 def _package_copy(package: Path, dest: Path) -> str:
