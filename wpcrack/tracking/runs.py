@@ -179,7 +179,8 @@ class Tracker:
             return None
         import wpcrack
         from wpcrack.deploy import serving
-        from wpcrack.deploy.detection import CRACK_WIDTH_ATTR, DEFAULT_GATE, weights_digest
+        from wpcrack.deploy.calibrate import tag_registered
+        from wpcrack.deploy.detection import DEFAULT_GATE, weights_digest
 
         mlflow = mlflow_module()
         name = model_name(self.cfg.tracking.model_name_prefix, self.cfg.dataset)
@@ -200,10 +201,11 @@ class Tracker:
             )
         version = int(info.registered_model_version)
         mlflow_client = mlflow.MlflowClient()
-        width = {CRACK_WIDTH_ATTR: repr(scale["crack_width_px"])} if scale else {}
-        for key, value in {**self.tags, WEIGHTS_TAG: weights_digest(detector), **width}.items():
+        for key, value in {**self.tags, WEIGHTS_TAG: weights_digest(detector)}.items():
             if not key.startswith("mlflow."):
                 mlflow_client.set_model_version_tag(name, str(version), key, value)
+        if scale:
+            tag_registered(self.cfg, scale)  # the width tag, as `wpcrack calibrate` writes it
         self.set_tags({"registered_model": name, "model_version": version})
         return version
 
