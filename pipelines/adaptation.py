@@ -108,7 +108,6 @@ def register_champion(root: str) -> int:
     """The DeepCrack full model of ``root`` registered and aliased ``champion``, with its benchmark
     score and its training crack width (scale.json) on the version."""
     from wpcrack.config import load_config
-    from wpcrack.deploy.calibrate import tag_registered
     from wpcrack.deploy.detection import load_model_dir
     from wpcrack.evaluate.run import load_test_rows
     from wpcrack.io import read_image
@@ -126,7 +125,7 @@ def register_champion(root: str) -> int:
         metrics = json.loads((Path(cfg.paths.results) / DATASET / "full" / "metrics.json").read_text())
         runs.record_score(name, version, float(metrics["detector"]["iou"]))
         runs.client().set_registered_model_alias(name, runs.CHAMPION, str(version))
-        tag_registered(cfg, json.loads((folder / "scale.json").read_text()))
+        runs.tag_crack_width(cfg, json.loads((folder / "scale.json").read_text()))
     return int(version)
 
 

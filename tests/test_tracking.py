@@ -292,12 +292,12 @@ def test_the_served_model_carries_the_crack_width_measured_before_logging(store,
 
 
 def test_a_calibrated_width_reaches_the_registered_model(logged, cfg):
-    from wpcrack.deploy.calibrate import tag_registered
+    from wpcrack.tracking.runs import tag_crack_width
     from wpcrack.deploy.detection import training_crack_width, weights_digest
     from wpcrack.deploy.predict import load_registered
 
     _, version, slim = logged
-    assert tag_registered(cfg, {"crack_width_px": 4.5, "weights_md5": "not these weights"}) == []
-    assert str(version) in tag_registered(cfg, {"crack_width_px": 4.5, "weights_md5": weights_digest(slim)})
+    assert tag_crack_width(cfg, {"crack_width_px": 4.5, "weights_md5": "not these weights"}) == []
+    assert str(version) in tag_crack_width(cfg, {"crack_width_px": 4.5, "weights_md5": weights_digest(slim)})
     detector, _ = load_registered(f"models:/{NAME}/{version}")
     assert training_crack_width(detector) == 4.5

@@ -175,13 +175,16 @@ def cmd_generalise(args: argparse.Namespace) -> None:
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
     from wpcrack.deploy.calibrate import calibrate
+    from wpcrack.tracking.runs import tag_crack_width
 
     cfg = _config(args, args.dataset, args.variant)
     model_dir, _ = _run_dirs(cfg, args.dataset, args.variant)
     result = calibrate(cfg, model_dir, args.rows)
+    tagged = tag_crack_width(cfg, result)
     print(f"wpcrack calibrate {args.dataset}: crack width {result['crack_width_px']:.2f} px of the training rows ("
           + ", ".join(f"{s} {v['median_px']:.2f} on {v['rows']}" for s, v in result["by_source"].items())
-          + f"; {result['seconds']:.0f} s) -> {model_dir / 'scale.json'}")
+          + f"; {result['seconds']:.0f} s) -> {model_dir / 'scale.json'}"
+          + (f"; registered version(s) {', '.join(tagged)} tagged" if tagged else ""))
 
 
 def cmd_field(args: argparse.Namespace) -> None:

@@ -78,22 +78,4 @@ def calibrate(cfg: Config, model_dir: Path, rows_per_source: int = 120, seed: in
                                train=dataclasses.replace(model_cfg.train, source_weights=cfg.train.source_weights))
     result = measure(here, detector, rows_per_source, seed)
     write_json(model_dir / SCALE_FILE, result)  # no timing inside: a re-run writes the same bytes
-    return {**result, "seconds": time.perf_counter() - start, "tagged_versions": tag_registered(cfg, result)}
-
-
-def tag_registered(cfg: Config, result: dict) -> list[str]:
-    """Tag every registered version of these weights with the width, so `predict --model champion`
-    (or ``models:/...``) matches widths as the model folder does. Nothing when MLflow has none."""
-    try:
-        from wpcrack.deploy.detection import CRACK_WIDTH_ATTR
-        from wpcrack.tracking.runs import WEIGHTS_TAG, client, model_name
-
-        c = client()
-        name = model_name(cfg.tracking.model_name_prefix, cfg.dataset)
-        versions = [v for v in c.search_model_versions(f"name = '{name}'")
-                    if v.tags.get(WEIGHTS_TAG) == result["weights_md5"]]
-        for v in versions:
-            c.set_model_version_tag(name, v.version, CRACK_WIDTH_ATTR, repr(result["crack_width_px"]))
-        return [str(v.version) for v in versions]
-    except ImportError:
-        return []
+    return {**result, "seconds": time.perf_counter() - start}

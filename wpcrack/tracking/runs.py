@@ -179,7 +179,6 @@ class Tracker:
             return None
         import wpcrack
         from wpcrack.deploy import serving
-        from wpcrack.deploy.calibrate import tag_registered
         from wpcrack.deploy.detection import DEFAULT_GATE, weights_digest
 
         mlflow = mlflow_module()
@@ -205,7 +204,7 @@ class Tracker:
             if not key.startswith("mlflow."):
                 mlflow_client.set_model_version_tag(name, str(version), key, value)
         if scale:
-            tag_registered(self.cfg, scale)  # the width tag, as `wpcrack calibrate` writes it
+            tag_crack_width(self.cfg, scale)  # the width tag, as `wpcrack calibrate` writes it
         self.set_tags({"registered_model": name, "model_version": version})
         return version
 
@@ -291,6 +290,21 @@ def log_prepared_dataset(cfg: Config, context: str) -> str | None:
 
 
 WEIGHTS_TAG = "weights_md5"  # model version tag: deploy.detection.weights_digest of the registered detector
+
+
+def tag_crack_width(cfg: Config, result: Mapping[str, Any]) -> list[str]:
+    """Tag every registered version of ``result["weights_md5"]``'s weights with its measured crack width
+    (``wpcrack.deploy.calibrate.measure``), so `predict --model champion` (or ``models:/...``) matches
+    widths as the model folder does; the versions tagged."""
+    from wpcrack.deploy.detection import CRACK_WIDTH_ATTR
+
+    c = client()
+    name = model_name(cfg.tracking.model_name_prefix, cfg.dataset)
+    versions = [v for v in c.search_model_versions(f"name = '{name}'")
+                if v.tags.get(WEIGHTS_TAG) == result["weights_md5"]]
+    for v in versions:
+        c.set_model_version_tag(name, v.version, CRACK_WIDTH_ATTR, repr(result["crack_width_px"]))
+    return [str(v.version) for v in versions]
 
 
 def score_tag(metric: str = "iou") -> str:
