@@ -38,7 +38,7 @@ demo: setup
 
 # The tests CI runs (slow and GPU tests are excluded by pyproject's addopts).
 test: setup
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 test-slow: setup
 	$(BIN)/pytest -q -m slow

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import io
 import os
 import subprocess
 from pathlib import Path
@@ -43,7 +45,8 @@ def cfg(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def logged(store, cfg):
-    """One training-like run that logs params, metrics, an artifact and the detector."""
+    """One training-like run that logs params, metrics, an artifact and the detector (without its crack
+    width: ``cfg`` has no prepared data); also what it said on stderr."""
     torch.manual_seed(0)
     model = build_model(cfg)
     example = np.full((40, 48, 3), 128, np.uint8)
@@ -53,12 +56,13 @@ def logged(store, cfg):
         for epoch in (1, 2):
             tracker.log_metrics({"loss/cls": 1.0 / epoch}, step=epoch)
         tracker.log_artifact(store / "history.csv", artifact_path="curves")
-        version = tracker.log_detector(model.slim(), example)
-    return tracker.run_id, version, model.slim()
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            version = tracker.log_detector(model.slim(), example)
+    return tracker.run_id, version, model.slim(), err.getvalue()
 
 
 def test_run_has_tags_params_metrics_and_artifacts(logged, cfg, store):
-    run_id, version, _ = logged
+    run_id, version, _, _ = logged
     run = tracking.client().get_run(run_id)
     tags = run.data.tags
     assert tags["dataset"] == "synthetic" and tags["variant"] == "full" and tags["profile"] == cfg.profile
@@ -83,7 +87,7 @@ def test_detector_is_a_registered_pyfunc_that_returns_masks(logged):
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    run_id, version, slim = logged
+    run_id, version, slim, _ = logged
     mv = tracking.client().get_model_version(NAME, str(version))
     assert mv.run_id == run_id and mv.tags["variant"] == "full" and mv.tags["stage"] == "train@synthetic"
     model = mlflow.pyfunc.load_model(f"models:/{NAME}/{version}")
@@ -265,20 +269,18 @@ def test_runs_log_the_prepared_manifest_with_its_dvc_hash(store, tmp_path):
     assert not runs["compare@synthetic"].inputs.dataset_inputs  # tables read metrics, not data
 
 
-def test_the_served_model_carries_the_crack_width_measured_before_logging(store, cfg, monkeypatch, capsys):
+def test_the_served_model_carries_the_crack_width_measured_before_logging(logged, store, cfg, monkeypatch):
     import mlflow
 
     from wpcrack.deploy import calibrate
     from wpcrack.deploy.detection import CRACK_WIDTH_ATTR, training_crack_width, weights_digest
 
-    torch.manual_seed(1)
-    slim = build_model(cfg).slim()
-    with tracking.start_run(cfg, stage="train@synthetic") as tracker:
-        bare = tracker.log_detector(slim)
-    assert "logged without its training crack width" in capsys.readouterr().err  # paths.data holds no manifest
-    served = mlflow.pyfunc.load_model(f"models:/{NAME}/{bare}").unwrap_python_model()
+    assert "logged without its training crack width" in logged[3]  # paths.data holds no manifest
+    served = mlflow.pyfunc.load_model(f"models:/{NAME}/{logged[1]}").unwrap_python_model()
     assert training_crack_width(served.detector) is None
 
+    torch.manual_seed(1)
+    slim = build_model(cfg).slim()
     measured = {"crack_width_px": 6.5, "by_source": {"synthetic": {"median_px": 6.5, "rows": 3}},
                 "weights_md5": weights_digest(slim)}
     seen = []
@@ -296,7 +298,7 @@ def test_a_calibrated_width_reaches_the_registered_model(logged, cfg):
     from wpcrack.deploy.detection import training_crack_width, weights_digest
     from wpcrack.deploy.predict import load_registered
 
-    _, version, slim = logged
+    _, version, slim, _ = logged
     assert tag_crack_width(cfg, {"crack_width_px": 4.5, "weights_md5": "not these weights"}) == []
     assert str(version) in tag_crack_width(cfg, {"crack_width_px": 4.5, "weights_md5": weights_digest(slim)})
     detector, _ = load_registered(f"models:/{NAME}/{version}")
