@@ -42,9 +42,17 @@ def project(tmp_path_factory) -> Path:
 
 
 def test_export_checks_against_torch_and_runs_at_other_sizes(project, capsys):
+    from wpcrack.deploy.detection import weights_digest
+
     out = project / "slim.onnx"
-    code = main(["export", "synthetic", "--params", str(project / "params.yaml"), "--onnx", str(out),
-                 "--check-images", "2", *[a for o in TINY for a in ("--set", o)]])
+    folder = project / "models" / "synthetic" / "full"
+    recorded = {"crack_width_px": 5.0, "width_weight": 0.75, "weights_md5": weights_digest(load_model_dir(folder)[0])}
+    (folder / "scale.json").write_text(json.dumps(recorded))
+    try:
+        code = main(["export", "synthetic", "--params", str(project / "params.yaml"), "--onnx", str(out),
+                     "--check-images", "2", *[a for o in TINY for a in ("--set", o)]])
+    finally:
+        (folder / "scale.json").unlink()
     assert code == 0 and "max |onnx - torch|" in capsys.readouterr().out
     report = json.loads(Path(f"{out}.json").read_text())
     assert report["passed"] is True and len(report["check_images"]) == 2
@@ -53,6 +61,7 @@ def test_export_checks_against_torch_and_runs_at_other_sizes(project, capsys):
     onnx, cfg = load_onnx(out)
     torch_model, torch_cfg = load_model_dir(project / "models" / "synthetic" / "full")
     assert cfg.to_dict() == torch_cfg.to_dict()  # the resolved configuration travels in the metadata
+    assert (onnx.training_crack_width, onnx.training_width_weight) == (5.0, 0.75)  # and what scale.json records
     x = torch.randn(2, 3, 40, 72)  # another batch and a non-square size: the shapes are dynamic
     with torch.inference_mode():
         assert onnx(x).shape == (2, 1, 40, 72)

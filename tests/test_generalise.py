@@ -46,6 +46,9 @@ def test_enlarged_photos_are_scored_at_the_split_resolution(synthetic):
     assert plain["images"] == enlarged["images"] == 4 and 0 < plain["iou"] <= 100
     assert enlarged["iou"] == pytest.approx(plain["iou"], abs=15)
     assert 0 < enlarged["scale_min"] <= enlarged["scale_median"] <= enlarged["scale_max"] <= synthetic.predict.max_scale
+    first = enlarged["per_image"][0]  # each photo's choice, for a look at how it was made
+    assert len(enlarged["per_image"]) == 4 and first["height"] == 2 * synthetic.prepare.synthetic.size
+    assert enlarged["scale_min"] <= first["scale"] <= enlarged["scale_max"]
 
 
 def test_without_a_trained_model_it_says_what_to_run(tmp_path):

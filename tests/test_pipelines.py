@@ -525,6 +525,9 @@ def real_project(tmp_path, prefect_server) -> Path:
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["tracking"]["model_name_prefix"] = "flowtest"
+    # a shorter smoke training (the demo's learns in test_end_to_end): the gate needs a model, not a good one
+    params["prepare"]["synthetic"].update(val_crack=8, val_nocrack=8, test=16)
+    params["profiles"]["smoke"]["train"]["epochs"] = 6
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (root / ".gitignore").write_text("/data/\n/models/\n/results/\n/reports/\n/.wpcrack/\n")
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "p"]):

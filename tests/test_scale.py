@@ -249,3 +249,70 @@ def test_a_scale_file_of_other_weights_is_ignored(tmp_path):
     assert training_crack_width(attach_crack_width(model, tmp_path)) is None
     (tmp_path / "scale.json").write_text(json.dumps({"crack_width_px": 5.0, "weights_md5": weights_digest(model)}))
     assert training_crack_width(attach_crack_width(model, tmp_path)) == 5.0
+
+
+class SureOfDarkPixels(nn.Module):
+    """A stand-in sure of a crack at every scale (its classifier), whose detector marks every dark pixel:
+    the evidence always picks the ladder's largest scale, and the width is the photo's own."""
+
+    def forward(self, x):
+        return (x[:, :1] < -1.0).float()
+
+    def classify(self, x):
+        return x.new_ones(x.shape[0])
+
+
+def test_training_factors_follow_the_prepare_geometry():
+    from wpcrack.deploy.calibrate import training_factor
+
+    p = _cfg().prepare  # DeepCrack: 544x384 squashed to 256x256; CFD: 480x320 cut 3x3, each cell enlarged to 256
+    assert training_factor(p, "deepcrack", 384, 544) == pytest.approx(np.sqrt(256 / 384 * 256 / 544))
+    assert training_factor(p, "cfd", 320, 480) == pytest.approx(np.sqrt(768 / 320 * 768 / 480))
+    assert training_factor(p, "synthetic", 96, 96) is None
+
+
+def test_replayed_weights_are_the_geometric_mean_within_the_ladder():
+    from wpcrack.deploy.calibrate import octaves_off, replay
+
+    cfg = _cfg()
+    record = {"height": 384, "width": 544, "scale": 0.7, "evidence_scale": 0.5, "crack_width_px": 4.0,
+              "training_factor": 1.0}
+    assert replay(record, 8.0, 0.0, cfg) == pytest.approx(0.5)
+    assert replay(record, 8.0, 1.0, cfg) == pytest.approx(2.0)  # 8 px trained / 4 px found
+    assert replay(record, 8.0, 0.5, cfg) == pytest.approx(1.0)  # sqrt(0.5 * 2)
+    assert replay(record, 80.0, 1.0, cfg) == pytest.approx(cfg.predict.max_scale)  # clamped to the ladder's top
+    assert replay({**record, "evidence_scale": None}, 8.0, 1.0, cfg) == 0.7  # no width found: the choice stands
+    assert octaves_off({"deepcrack": [record]}, 8.0, 0.0, cfg) == {"deepcrack": pytest.approx(1.0)}
+
+
+def test_the_width_weight_is_fitted_to_the_training_geometry_of_the_val_photos(tmp_path):
+    import json
+
+    from wpcrack.deploy.calibrate import fit_width_weight, training_factor
+    from wpcrack.deploy.detection import WIDTH_WEIGHT_ATTR, probability_map, width_weight
+    from wpcrack.io import write_image
+
+    raw = tmp_path / "data" / "raw" / "deepcrack"
+    for name in ("100-1", "100-2", "200-1"):  # scenes 100 (val) and 200 (train)
+        write_image(raw / "train_img" / f"{name}.jpg", _road(384, 544, 12))
+        write_image(raw / "train_lab" / f"{name}.png", np.zeros((384, 544), np.uint8))  # never read
+    listing = tmp_path / "data" / "prepared" / "deepcrack" / "split.json"
+    listing.parent.mkdir(parents=True)
+    listing.write_text(json.dumps({"val": ["100"]}))
+    cfg = _cfg("evaluate.tile_size=128", "evaluate.tile_overlap=16", f"paths.data={tmp_path / 'data'}")
+    factor = training_factor(cfg.prepare, "deepcrack", 384, 544)
+    model = SureOfDarkPixels()
+    # the evidence says 2 (the ladder's top); cracks 12 px wide are as wide as the trained ones at the factor
+    fitted = fit_width_weight(cfg, model, trained_width=12 * factor, share={"deepcrack": 1.0})
+    assert fitted["width_weight"] == 1.0 and fitted["width_fit"]["val_photos"] == {"deepcrack": 2}
+    table = fitted["width_fit"]["mean_octaves_off"]
+    assert table["1.0"]["deepcrack"] == pytest.approx(0, abs=0.3)
+    assert table["0.0"]["deepcrack"] == pytest.approx(np.log2(2 / factor))
+    assert fit_width_weight(cfg, model, 3.0, {"synthetic": 1.0}) == {}  # no geometry known: nothing fitted
+
+    assert getattr(model, "training_crack_width") is None  # the fit leaves no width on record
+    model.training_crack_width = 12 * factor
+    setattr(model, WIDTH_WEIGHT_ATTR, 1.0)  # predict uses the fitted weight unless told to use the setting
+    assert width_weight(model, cfg) == 1.0
+    assert width_weight(model, load_config(PARAMS, dataset="deepcrack", overrides=["predict.width_from=setting"])) == 0.5
+    assert probability_map(model, _road(384, 544, 12), cfg).choice.scale == pytest.approx(factor, rel=0.25)

@@ -22,7 +22,7 @@ from wpcrack.models.wpcracknet import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
-TINY = ["model.backbone=mobilenet_v2", "model.pretrained=false", "model.cam_channels=16", "model.paam_channels=16",
+TINY = ["model.backbone=tiny", "model.pretrained=false", "model.cam_channels=16", "model.paam_channels=16",
         "model.paam_reduction=4", "model.detector_channels=8", "model.decoder_channels=8"]
 
 

@@ -282,15 +282,16 @@ def test_the_served_model_carries_the_crack_width_measured_before_logging(logged
     torch.manual_seed(1)
     slim = build_model(cfg).slim()
     measured = {"crack_width_px": 6.5, "by_source": {"synthetic": {"median_px": 6.5, "rows": 3}},
-                "weights_md5": weights_digest(slim)}
+                "width_weight": 0.75, "weights_md5": weights_digest(slim)}
     seen = []
     monkeypatch.setattr(calibrate, "measure", lambda c, d: seen.append((c, weights_digest(d))) or measured)
     with tracking.start_run(cfg, stage="train@synthetic") as tracker:
         version = tracker.log_detector(slim)
     assert seen == [(cfg, weights_digest(slim))]  # the run's own config and the weights being logged
     served = mlflow.pyfunc.load_model(f"models:/{NAME}/{version}").unwrap_python_model()
-    assert training_crack_width(served.detector) == 6.5
-    assert tracking.client().get_model_version(NAME, str(version)).tags[CRACK_WIDTH_ATTR] == "6.5"
+    assert training_crack_width(served.detector) == 6.5 and served.detector.training_width_weight == 0.75
+    tags = tracking.client().get_model_version(NAME, str(version)).tags
+    assert tags[CRACK_WIDTH_ATTR] == "6.5" and tags["training_width_weight"] == "0.75"
 
 
 def test_a_calibrated_width_reaches_the_registered_model(logged, cfg):
@@ -300,6 +301,7 @@ def test_a_calibrated_width_reaches_the_registered_model(logged, cfg):
 
     _, version, slim, _ = logged
     assert tag_crack_width(cfg, {"crack_width_px": 4.5, "weights_md5": "not these weights"}) == []
-    assert str(version) in tag_crack_width(cfg, {"crack_width_px": 4.5, "weights_md5": weights_digest(slim)})
+    assert str(version) in tag_crack_width(cfg, {"crack_width_px": 4.5, "width_weight": 1.0,
+                                                 "weights_md5": weights_digest(slim)})
     detector, _ = load_registered(f"models:/{NAME}/{version}")
-    assert training_crack_width(detector) == 4.5
+    assert training_crack_width(detector) == 4.5 and detector.training_width_weight == 1.0

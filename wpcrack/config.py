@@ -252,6 +252,8 @@ class PredictConfig:
     min_crack_probability: float = 0.5  # classifier evidence below this at every scale (no crack seen): scale 1
     width_weight: float = 0.5    # 0..1: how far the evidence's scale moves towards the one at which the photo's
                                  # cracks are as wide as the training rows' (a model with scale.json; 0: off)
+    width_from: Literal["fitted", "setting"] = "fitted"  # fitted: the weight `wpcrack calibrate` fitted for the
+                                 # model where its scale.json records one (else width_weight); setting: width_weight
     spread: float = 0.25         # octaves: the photo is predicted at the chosen scale and this far above and below
                                  # it, and the three maps averaged (0: the chosen scale alone)
 

@@ -64,13 +64,27 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-CRACK_WIDTH_ATTR = "training_crack_width"  # px: the crack width of the model's training rows (scale.json)
+CRACK_WIDTH_ATTR = "training_crack_width"    # px: the crack width of the model's training rows (scale.json)
+WIDTH_WEIGHT_ATTR = "training_width_weight"  # 0..1: the width weight fitted to its training geometry (scale.json)
+RECORDED = {CRACK_WIDTH_ATTR: "crack_width_px", WIDTH_WEIGHT_ATTR: "width_weight"}  # attribute -> scale.json key
 SCALE_FILE = "scale.json"                   # beside best.pt: written by `wpcrack calibrate`
 
 
 def training_crack_width(detector: torch.nn.Module) -> float | None:
     """The crack width the model learned at, px of its training rows, where it was recorded."""
     return getattr(detector, CRACK_WIDTH_ATTR, None)
+
+
+def recorded_scale(detector: torch.nn.Module) -> dict[str, float]:
+    """What the model records for scale choice (attribute -> value): what an export or a tag carries."""
+    return {attr: getattr(detector, attr) for attr in RECORDED if getattr(detector, attr, None) is not None}
+
+
+def width_weight(detector: torch.nn.Module, cfg: Config) -> float:
+    """How far the scale moves towards the width-matched one: the weight ``wpcrack calibrate`` fitted for
+    this model (``predict.width_from: fitted``) where it records one, else ``predict.width_weight``."""
+    fitted = getattr(detector, WIDTH_WEIGHT_ATTR, None)
+    return fitted if cfg.predict.width_from == "fitted" and fitted is not None else cfg.predict.width_weight
 
 
 def attach_crack_width(detector: torch.nn.Module, folder: Path) -> torch.nn.Module:
@@ -86,7 +100,9 @@ def attach_scale_file(detector: torch.nn.Module, path: Path) -> torch.nn.Module:
 
         recorded = json.loads(path.read_text())
         if recorded.get("weights_md5") == weights_digest(detector):
-            setattr(detector, CRACK_WIDTH_ATTR, float(recorded["crack_width_px"]))
+            for attr, key in RECORDED.items():
+                if recorded.get(key) is not None:
+                    setattr(detector, attr, float(recorded[key]))
     return detector
 
 
@@ -235,12 +251,13 @@ def decide_scale(detector: torch.nn.Module, rgb: np.ndarray, cfg: Config, scales
     choice = choose_scale(rgb, cfg, *scale_measure(chooser or detector, cfg))
     made: dict[float, np.ndarray] = {}
     trained_width = training_crack_width(chooser or detector)
-    if trained_width and cfg.predict.width_weight > 0:
+    weight = width_weight(chooser or detector, cfg)
+    if trained_width and weight > 0:
         view = resize_image(rgb, scaled_size(rgb.shape, choice.scale))
         made[choice.scale] = predict_image(gated or GatedDetector(detector, DEFAULT_GATE), view, cfg)
         found = photo_crack_width(rgb, made[choice.scale], cfg.evaluate.threshold)
         candidates = ladder(rgb.shape, cfg)
-        choice = match_width(choice, found, trained_width, cfg.predict.width_weight, (candidates[-1], candidates[0]))
+        choice = match_width(choice, found, trained_width, weight, (candidates[-1], candidates[0]))
     return spread(choice, cfg.predict.spread), made
 
 
@@ -273,7 +290,8 @@ def probability_map(detector: torch.nn.Module, rgb: np.ndarray, cfg: Config, gat
 
 
 ONNX_CONFIG_KEY = "wpcrack_config"  # ONNX metadata: the resolved configuration (YAML)
-ONNX_WIDTH_KEY = "wpcrack_crack_width"  # ONNX metadata: the training crack width, px (scale.json)
+ONNX_RECORDED_KEYS = {CRACK_WIDTH_ATTR: "wpcrack_crack_width",  # ONNX metadata: what scale.json records
+                      WIDTH_WEIGHT_ATTR: "wpcrack_width_weight"}
 ONNX_ANY_SIZE_KEY = "wpcrack_any_size"  # ONNX metadata: the detector graph takes any height and width
 # Exports made before ONNX_ANY_SIZE_KEY were traced for sides that are multiples of 8 (the backbone's
 # output stride): for them other sizes are padded (replicate) to the next multiple and the output cropped.
@@ -345,7 +363,8 @@ def load_onnx(path: str | Path, threads: int | None = None) -> tuple[OnnxDetecto
         raise DataError(path, f"ONNX model without the {ONNX_CONFIG_KEY!r} metadata; export it with `wpcrack export --onnx`")
     beside = classifier_path(path)
     detector = OnnxDetector(session, path, session_of(beside) if beside.is_file() else None)
-    width = session.get_modelmeta().custom_metadata_map.get(ONNX_WIDTH_KEY)
-    if width:
-        setattr(detector, CRACK_WIDTH_ATTR, float(width))
+    metadata = session.get_modelmeta().custom_metadata_map
+    for attr, key in ONNX_RECORDED_KEYS.items():
+        if metadata.get(key):
+            setattr(detector, attr, float(metadata[key]))
     return detector, config_from_text(text)

@@ -23,12 +23,12 @@ import torch
 from wpcrack.deploy.detection import (
     ONNX_ANY_SIZE_KEY,
     ONNX_CONFIG_KEY,
-    ONNX_WIDTH_KEY,
+    ONNX_RECORDED_KEYS,
     classifier_path,
     load_model_dir,
     load_onnx,
+    recorded_scale,
     supports_gate,
-    training_crack_width,
 )
 from wpcrack.errors import DataError
 from wpcrack.io import atomic_path, write_json
@@ -76,9 +76,9 @@ def export_onnx(detector: torch.nn.Module, cfg: Config, path: str | Path, size: 
         program = torch.onnx.export(detector, (example,), input_names=["image"], output_names=["crack_probability"],
                                     dynamic_shapes={"x": free}, opset_version=OPSET, dynamo=True, verbose=False)
         model = program.model_proto
-        width = training_crack_width(detector)  # predict's width matching travels with the export
+        recorded = recorded_scale(detector)  # predict's width matching travels with the export
         metadata = {ONNX_CONFIG_KEY: yaml.safe_dump(cfg.to_dict(), sort_keys=False), ONNX_ANY_SIZE_KEY: "true",
-                    **({ONNX_WIDTH_KEY: repr(width)} if width else {})}
+                    **{ONNX_RECORDED_KEYS[attr]: repr(value) for attr, value in recorded.items()}}
         for key, value in metadata.items():
             entry = model.metadata_props.add()
             entry.key, entry.value = key, value

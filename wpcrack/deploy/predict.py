@@ -95,8 +95,8 @@ def load_registered(uri: str) -> tuple[torch.nn.Module, Config]:
 
 
 def _registered_width(uri: str, detector: torch.nn.Module) -> None:
-    """The training crack width `wpcrack calibrate` tagged the registered version with, if any."""
-    from wpcrack.deploy.detection import CRACK_WIDTH_ATTR, weights_digest
+    """The training crack width and width weight `wpcrack calibrate` tagged the registered version with, if any."""
+    from wpcrack.deploy.detection import RECORDED, weights_digest
     from wpcrack.tracking.runs import WEIGHTS_TAG, client
 
     if not uri.startswith("models:/"):
@@ -104,9 +104,11 @@ def _registered_width(uri: str, detector: torch.nn.Module) -> None:
     name, _, ref = uri.removeprefix("models:/").partition("@")
     name, _, number = name.partition("/")
     version = client().get_model_version_by_alias(name, ref) if ref else client().get_model_version(name, number)
-    width = version.tags.get(CRACK_WIDTH_ATTR)
-    if width and version.tags.get(WEIGHTS_TAG) == weights_digest(detector):
-        setattr(detector, CRACK_WIDTH_ATTR, float(width))
+    if version.tags.get(WEIGHTS_TAG) != weights_digest(detector):
+        return
+    for tag in RECORDED:
+        if version.tags.get(tag):
+            setattr(detector, tag, float(version.tags[tag]))
 
 
 def load_detector(model: str, dataset: str, params: str | Path | None = None) -> tuple[torch.nn.Module, Config, str]:

@@ -47,15 +47,9 @@ def photos(split_cfg: Config, split: str = "test", limit: int | None = None) -> 
         root, rows = load_test_rows(split_cfg)
         found = [(root / r.image, root / r.mask) for r in rows]
     elif split == "val":
-        from wpcrack.data.prepare import raw_items
+        from wpcrack.deploy.calibrate import val_photos
 
-        data = Path(split_cfg.paths.data)
-        listing = data / "prepared" / split_cfg.dataset / "split.json"
-        if not listing.is_file():
-            raise DataError(listing, f"not found; run `dvc repro prepare@{split_cfg.dataset}` first")
-        val = set(json.loads(listing.read_text())["val"])
-        found = [(it.image, it.mask) for it in raw_items(data / "raw" / split_cfg.dataset, split_cfg.dataset)
-                 if it.source_id in val]
+        found = val_photos(split_cfg)
     else:
         raise DataError(split, "split must be test or val")
     if not found:
@@ -68,7 +62,7 @@ def score_files(detector, cfg: Config, files: list[tuple[Path, Path]], score_at:
     """Crack IoU (and P/R/F1, percent) of ``detector`` on (photo, mask) files through
     ``probability_map`` with no scale given, each photo enlarged ``enlarge`` times first, scored at
     its own size (or squashed to ``score_at``, DeepCrack's protocol), counts summed over the files;
-    also the scales it chose. ``cfg`` holds the inference settings (evaluate, predict)."""
+    also the scales it chose, per photo (with the evidence's choice and the photo's crack width). ``cfg`` holds the inference settings (evaluate, predict)."""
     import cv2
 
     from wpcrack.deploy.detection import probability_map
@@ -76,14 +70,17 @@ def score_files(detector, cfg: Config, files: list[tuple[Path, Path]], score_at:
     from wpcrack.geometry import resize_map
 
     acc = ConfusionAccumulator(cfg.evaluate.threshold, 2)
-    chosen, start = [], time.perf_counter()
+    chosen, per_image, start = [], [], time.perf_counter()
     for image, mask in files:
         rgb = read_image(image)
         gt = read_mask(mask, rgb.shape[:2])
         if enlarge > 1:
             rgb = cv2.resize(rgb, None, fx=enlarge, fy=enlarge, interpolation=cv2.INTER_CUBIC)
         result = probability_map(detector, rgb, cfg)
-        chosen.append(result.choice.scale)
+        choice = result.choice
+        chosen.append(choice.scale)
+        per_image.append({"image": image.name, "height": rgb.shape[0], "width": rgb.shape[1], "scale": choice.scale,
+                          "evidence_scale": choice.evidence_scale, "crack_width_px": choice.crack_width})
         prob = resize_map(result.prob, gt.shape) if enlarge > 1 else result.prob
         acc.add(*align(prob, gt, score_at))
     summary = acc.summary()
@@ -91,7 +88,7 @@ def score_files(detector, cfg: Config, files: list[tuple[Path, Path]], score_at:
         **{k: summary[k] for k in ("precision", "recall", "f1", "iou")},
         "images": len(files), "enlarge": enlarge, "seconds_per_image": (time.perf_counter() - start) / len(files),
         "scale_median": float(np.median(chosen)), "scale_min": float(np.min(chosen)),
-        "scale_max": float(np.max(chosen)),
+        "scale_max": float(np.max(chosen)), "per_image": per_image,
     }
 
 

@@ -294,16 +294,18 @@ WEIGHTS_TAG = "weights_md5"  # model version tag: deploy.detection.weights_diges
 
 def tag_crack_width(cfg: Config, result: Mapping[str, Any]) -> list[str]:
     """Tag every registered version of ``result["weights_md5"]``'s weights with its measured crack width
-    (``wpcrack.deploy.calibrate.measure``), so `predict --model champion` (or ``models:/...``) matches
-    widths as the model folder does; the versions tagged."""
-    from wpcrack.deploy.detection import CRACK_WIDTH_ATTR
+    and fitted width weight (``wpcrack.deploy.calibrate.measure``), so `predict --model champion` (or
+    ``models:/...``) chooses scales as the model folder does; the versions tagged."""
+    from wpcrack.deploy.detection import RECORDED
 
     c = client()
     name = model_name(cfg.tracking.model_name_prefix, cfg.dataset)
     versions = [v for v in c.search_model_versions(f"name = '{name}'")
                 if v.tags.get(WEIGHTS_TAG) == result["weights_md5"]]
     for v in versions:
-        c.set_model_version_tag(name, v.version, CRACK_WIDTH_ATTR, repr(result["crack_width_px"]))
+        for tag, key in RECORDED.items():
+            if result.get(key) is not None:
+                c.set_model_version_tag(name, v.version, tag, repr(result[key]))
     return [str(v.version) for v in versions]
 
 
