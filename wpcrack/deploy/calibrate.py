@@ -106,13 +106,13 @@ def training_factor(p, dataset: str, height: int, width: int) -> float | None:
 
 def replay(record: dict, trained_width: float, weight: float, cfg: Config) -> float:
     """The scale ``match_width`` gives a photo's recorded evidence choice and crack width at ``weight``."""
-    from wpcrack.deploy.scale import ladder
+    from wpcrack.deploy.scale import ScaleChoice, ladder, match_width
 
     if record["evidence_scale"] is None or not record["crack_width_px"]:
         return record["scale"]
     candidates = ladder((record["height"], record["width"]), cfg)
-    scale = np.exp((1 - weight) * np.log(record["evidence_scale"]) + weight * np.log(trained_width / record["crack_width_px"]))
-    return float(min(max(scale, candidates[-1]), candidates[0]))
+    evidence = ScaleChoice((record["evidence_scale"],), "auto")
+    return match_width(evidence, record["crack_width_px"], trained_width, weight, (candidates[-1], candidates[0])).scale
 
 
 def octaves_off(records: dict[str, list[dict]], trained_width: float, weight: float, cfg: Config) -> dict[str, float]:
